@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Run the test suite: bash scripts/test.sh [pytest args...]
+# Paths in the arguments are relative to the repo root. pytest's exit code is returned unchanged
+# (5 = "no tests collected" is therefore a failure).
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+exec python -m pytest -n 2 -q "$@"

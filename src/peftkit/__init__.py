@@ -1,0 +1,66 @@
+"""peftkit: parameter-efficient fine-tuning for PyTorch and transformers models, with 🤗 PEFT's API and files.
+
+Importing peftkit imports torch but not transformers (that happens when a transformers model is used).
+"""
+
+from __future__ import annotations
+
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
+from .config import PEFTKIT_VERSION, PeftConfig
+from .errors import (
+    AdapterExistsError,
+    AdapterLoadError,
+    AdapterNotFoundError,
+    ConfigError,
+    MergeError,
+    NoMatchingPeftModuleError,
+    PeftError,
+    PeftWarning,
+    ShapeMismatchError,
+    UnsupportedModuleError,
+)
+from .layers import AdapterLayer, ModulesToSaveWrapper
+from .mapping import get_peft_config, get_peft_model, inject_adapter_in_model
+from .methods.lora import LoraConfig
+from .peft_model import (
+    MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+)
+from .registry import MethodSpec, all_methods, get_method, register_method
+from .serialization.files import load_peft_weights
+from .serialization.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from .tuner import TunerModel, tuner_class
+from .types import PeftType, TaskType
+
+__version__ = PEFTKIT_VERSION
+
+#: the reference's name for the base class of adapter layers
+BaseTunerLayer = AdapterLayer
+LoraModel = tuner_class("LORA")
+
+__all__ = [
+    "AdapterExistsError", "AdapterLayer", "AdapterLoadError", "AdapterNotFoundError", "AutoPeftModel",
+    "AutoPeftModelForCausalLM", "AutoPeftModelForFeatureExtraction", "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM", "AutoPeftModelForSequenceClassification", "AutoPeftModelForTokenClassification",
+    "BaseTunerLayer", "ConfigError", "LoraConfig", "LoraModel", "MODEL_TYPE_TO_PEFT_MODEL_MAPPING", "MergeError",
+    "MethodSpec", "ModulesToSaveWrapper", "NoMatchingPeftModuleError", "PeftConfig", "PeftError", "PeftModel",
+    "PeftModelForCausalLM", "PeftModelForFeatureExtraction", "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM", "PeftModelForSequenceClassification", "PeftModelForTokenClassification", "PeftType",
+    "PeftWarning", "ShapeMismatchError", "TaskType", "TunerModel", "UnsupportedModuleError", "__version__",
+    "all_methods", "get_method", "get_peft_config", "get_peft_model", "get_peft_model_state_dict",
+    "inject_adapter_in_model", "load_peft_weights", "register_method", "set_peft_model_state_dict",
+]

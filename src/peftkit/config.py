@@ -1,0 +1,212 @@
+"""``PeftConfig``: the base config dataclass, its JSON round trip and the validation helpers.
+
+A config is validated once, in ``__post_init__``. After that peftkit never writes to a user's config object:
+facts peftkit derives for a model (resolved targets, per-layer ranks, ``fan_in_fan_out``) live in the injection
+plan or in the private copy a ``PeftModel`` keeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+from .errors import AdapterLoadError, ConfigError, PeftWarning
+from .fileio import atomic_write_text, resolve_file
+from .types import PeftType, TaskType
+
+CONFIG_NAME = "adapter_config.json"
+#: The reference release whose file format peftkit writes; recorded in ``peft_version`` as ``<format>@peftkit-<v>``.
+FORMAT_VERSION = "0.21.2"
+PEFTKIT_VERSION = "0.1.0"
+_PROMPT_LEARNING_TYPES = {
+    PeftType.PROMPT_TUNING,
+    PeftType.MULTITASK_PROMPT_TUNING,
+    PeftType.P_TUNING,
+    PeftType.PREFIX_TUNING,
+}
+#: Keys that are never read from a saved config (the reference drops them too).
+_DROPPED_KEYS = ("runtime_config",)
+
+C = TypeVar("C", bound="PeftConfig")
+
+
+def check(ok: bool, name: str, value: object, allowed: str) -> None:
+    """Raise :class:`ConfigError` naming ``name``, ``value`` and ``allowed`` unless ``ok``."""
+    if not ok:
+        raise ConfigError(name, value, allowed)
+
+
+def is_int(value: object) -> bool:
+    """True for ints that are not bools."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """True for ints and floats that are not bools."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _jsonable(value: Any) -> Any:
+    """Sets become sorted lists (deterministic files, unlike the reference), enums their values."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (PeftType, TaskType)):
+        return value.value
+    return value
+
+
+@dataclass
+class PeftConfig:
+    """Fields shared by every method's config (the reference's ``PeftConfig``).
+
+    Args:
+        task_type: one of :class:`TaskType` (or its string), or None for a plain model.
+        peft_type: the method; set by each subclass.
+        auto_mapping: ``{"base_model_class", "parent_library"}``, recorded when ``task_type`` is None.
+        base_model_name_or_path: where ``AutoPeftModel`` loads the base from; recorded by ``get_peft_model``.
+        revision: revision of the base model.
+        inference_mode: True freezes the adapter (always written as true on disk, as the reference does).
+        peft_version: the format version and the writer, filled in automatically.
+    """
+
+    task_type: TaskType | str | None = field(default=None, metadata={"help": "Task type"})
+    peft_type: PeftType | str | None = field(default=None, metadata={"help": "PEFT method"})
+    auto_mapping: dict[str, Any] | None = field(default=None)
+    base_model_name_or_path: str | None = field(default=None)
+    revision: str | None = field(default=None)
+    inference_mode: bool = field(default=False)
+    peft_version: str | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.task_type is not None:
+            allowed = [t.value for t in TaskType]
+            check(str(self.task_type) in allowed, "task_type", self.task_type, f"allowed: {allowed} or None")
+            self.task_type = TaskType(str(self.task_type))
+        if self.peft_type is not None:
+            allowed_types = [t.value for t in PeftType]
+            check(str(self.peft_type) in allowed_types, "peft_type", self.peft_type, "allowed: a PeftType value")
+            self.peft_type = PeftType(str(self.peft_type))
+        check(isinstance(self.inference_mode, bool), "inference_mode", self.inference_mode, "allowed: True or False")
+        if self.peft_version is None:
+            self.peft_version = f"{FORMAT_VERSION}@peftkit-{PEFTKIT_VERSION}"
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def is_prompt_learning(self) -> bool:
+        """True for prompt tuning, P-tuning and prefix tuning."""
+        return self.peft_type in _PROMPT_LEARNING_TYPES
+
+    @property
+    def is_adaption_prompt(self) -> bool:
+        """True for adaption prompt (not implemented by peftkit)."""
+        return self.peft_type == PeftType.ADAPTION_PROMPT
+
+    # ------------------------------------------------------------------ dict / JSON
+    def to_dict(self) -> dict[str, Any]:
+        """All fields as a dict (``runtime_config`` excluded: it is never serialized)."""
+        data = asdict(self)
+        for key in _DROPPED_KEYS:
+            data.pop(key, None)
+        return data
+
+    def to_json_string(self) -> str:
+        """The JSON written to ``adapter_config.json``: sorted keys, indent 2, ``inference_mode`` true."""
+        data = _jsonable(self.to_dict())
+        data["inference_mode"] = True
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+        """Write ``adapter_config.json`` into ``save_directory`` (atomically). The object is not modified."""
+        if os.path.isfile(save_directory):
+            raise ConfigError("save_directory", str(save_directory), "allowed: a directory path, not a file")
+        os.makedirs(save_directory, exist_ok=True)
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        """Build the config of ``data["peft_type"]`` (or ``cls``) from a dict, dropping unknown keys with a warning."""
+        data = dict(data)
+        target = _config_class_for(cls, data.get("peft_type"))
+        for key in _DROPPED_KEYS:
+            if data.pop(key, None) is not None:
+                warnings.warn(f"the saved config contains {key!r}, which is never loaded; ignoring it", PeftWarning)
+        known = {f.name for f in dataclasses.fields(target) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(
+                f"Unexpected keyword arguments {unknown} for {target.__name__}, ignoring them. They were probably "
+                f"saved using a higher version of the library (or another PEFT implementation).",
+                PeftWarning,
+                stacklevel=2,
+            )
+        return target(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike[str]) -> dict[str, Any]:
+        """The dict stored in a JSON file; a broken file raises :class:`AdapterLoadError` naming it."""
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise AdapterLoadError(f"cannot read the adapter config {str(path)!r}: {exc}") from exc
+        if not isinstance(data, dict) or "peft_type" not in data:
+            raise AdapterLoadError(f"{str(path)!r} is not an adapter config: it has no 'peft_type' key")
+        return data
+
+    @classmethod
+    def from_pretrained(
+        cls: type[C], pretrained_model_name_or_path: str | os.PathLike[str], subfolder: str | None = None, **kwargs: Any
+    ) -> C:
+        """Load ``adapter_config.json`` from a local directory or a Hub repo (``subfolder``, ``revision``, ...).
+
+        Keyword arguments that are config fields override the saved values.
+        """
+        path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder, **kwargs)
+        if path is None:
+            where = f"{pretrained_model_name_or_path}" + (f"/{subfolder}" if subfolder else "")
+            raise AdapterLoadError(f"no {CONFIG_NAME} found in {where!r}")
+        data = cls.from_json_file(path)
+        overrides = {k: v for k, v in kwargs.items() if k not in ("revision", "cache_dir", "token")}
+        target = _config_class_for(cls, data["peft_type"])
+        field_names = {f.name for f in dataclasses.fields(target)}
+        data.update({k: v for k, v in overrides.items() if k in field_names})
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_peft_type(cls, **kwargs: Any) -> PeftConfig:
+        """Build the config class registered for ``kwargs["peft_type"]``."""
+        return cls.from_dict(kwargs)
+
+    def copy(self: C, **changes: Any) -> C:
+        """A new config with ``changes`` applied (the original is untouched)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _config_class_for(cls: type[PeftConfig], peft_type: object) -> type[PeftConfig]:
+    """The registered config class of ``peft_type``; ``cls`` itself when it is already specific."""
+    if peft_type is None:
+        if cls is PeftConfig:
+            raise AdapterLoadError("the config has no 'peft_type' key, so its method is unknown")
+        return cls
+    from .registry import get_method
+
+    target = get_method(str(peft_type)).config_cls
+    if cls is not PeftConfig and not issubclass(target, cls) and not issubclass(cls, target):
+        raise ConfigError("peft_type", str(peft_type), f"allowed for {cls.__name__}: its own peft_type")
+    return cls if cls is not PeftConfig and issubclass(cls, target) else target
+
+
+def as_set(value: Iterable[str] | str | None) -> set[str] | str | None:
+    """Lists of module names are stored as sets (the reference does the same); strings stay regexes."""
+    if value is None or isinstance(value, str):
+        return value
+    return set(value)

@@ -1,0 +1,197 @@
+"""``plan_injection``: decide, without touching the model, which modules an adapter wraps and how.
+
+The plan holds every per-layer fact (kind, rank, alpha, ``fan_in_fan_out``) so that configs are never rewritten.
+It can be printed to show a user what a config will do.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ..config import PeftConfig
+from ..errors import NoMatchingPeftModuleError, PeftWarning, closest_names
+from ..layers.base import AdapterLayer
+from ..layers.dispatch import is_linear_like
+from ..layers.modules_to_save import ModulesToSaveWrapper
+from ..registry import MethodSpec
+from .match import ALL_LINEAR, in_layers, inside_any, matches
+
+#: classification heads the reference adds to ``modules_to_save`` for SEQ_CLS / TOKEN_CLS, and QA's head
+SEQ_CLS_HEADS = ("classifier", "score")
+QA_HEADS = ("qa_outputs",)
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One module to wrap: its dotted ``name`` and the per-layer ``options`` the method computed."""
+
+    name: str
+    options: dict[str, Any] = field(hash=False)
+
+    def __str__(self) -> str:
+        opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        return f"{self.name}: {opts}"
+
+
+@dataclass(frozen=True)
+class InjectionPlan:
+    """Everything :func:`~peftkit.injection.apply.apply_plan` needs, and the resolved selectors for the config."""
+
+    adapter_name: str
+    layers: tuple[LayerPlan, ...]
+    modules_to_save: tuple[str, ...]
+    target_modules: set[str] | str
+    modules_to_save_names: tuple[str, ...] | None
+
+    def __str__(self) -> str:
+        lines = [f"adapter {self.adapter_name!r}: {len(self.layers)} layers"]
+        lines += [f"  {layer}" for layer in self.layers]
+        lines += [f"  {name}: full trainable copy (modules_to_save)" for name in self.modules_to_save]
+        return "\n".join(lines)
+
+
+def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``(name, module)`` of every module an adapter could target: adapter wrappers count as the module they
+    wrap, and their internals (``base_layer``, ``lora_A``, copies of ``modules_to_save``) are skipped."""
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(prefix) for prefix in skip):
+            continue
+        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+            skip.append(name + ".")
+        yield name, module
+
+
+def plan_injection(
+    model: nn.Module,
+    config: PeftConfig,
+    adapter_name: str,
+    method: MethodSpec,
+    task_heads: Sequence[str] = (),
+) -> InjectionPlan:
+    """Resolve ``config`` against ``model`` into an :class:`InjectionPlan`. Pure: the model is not modified.
+
+    Raises:
+        NoMatchingPeftModuleError: no module matches ``target_modules`` (the message lists the closest names), or
+            every match was excluded, or a ``modules_to_save`` entry matches nothing.
+        UnsupportedModuleError: a matched module has a type the method has no layer for.
+    """
+    method.check_config(config, model)
+    modules = list(candidate_modules(model))
+    targets = _resolve_targets(model, config, modules, method)
+    save_entries = list(dict.fromkeys([*(getattr(config, "modules_to_save", None) or []), *task_heads]))
+    layers, excluded = [], 0
+    for name, module in modules:
+        if not matches(targets, name):
+            continue
+        if matches(getattr(config, "exclude_modules", None), name) or (save_entries and inside_any(name, save_entries)):
+            excluded += 1
+            continue
+        if not isinstance(targets, str) and not in_layers(
+            name, getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None)
+        ):
+            continue
+        layers.append(LayerPlan(name, method.layer_options(name, module, config)))
+    if not layers:
+        _raise_no_match(targets, config, modules, excluded)
+    _warn_unused_patterns(config, [layer.name for layer in layers])
+    saved = _resolve_modules_to_save(modules, save_entries, task_heads)
+    return InjectionPlan(
+        adapter_name=adapter_name,
+        layers=tuple(layers),
+        modules_to_save=tuple(saved),
+        target_modules=targets,
+        modules_to_save_names=tuple(save_entries) if save_entries else None,
+    )
+
+
+def _resolve_targets(
+    model: nn.Module, config: PeftConfig, modules: list[tuple[str, nn.Module]], method: MethodSpec
+) -> set[str] | str:
+    targets = getattr(config, "target_modules", None)
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        targets = method.default_targets(model_type)
+        if targets is None:
+            raise NoMatchingPeftModuleError(
+                f"target_modules=None and there is no default for model_type {model_type!r} "
+                f"({type(model).__name__}); pass target_modules explicitly, e.g. target_modules={_examples(modules)}"
+            )
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+        return _all_linear(model, config, modules)
+    return targets
+
+
+def _all_linear(model: nn.Module, config: PeftConfig, modules: list[tuple[str, nn.Module]]) -> set[str]:
+    """Full names of every linear layer except the output head (or the classification head for SEQ_CLS)."""
+    names = {name for name, module in modules if is_linear_like(module)}
+    head = None
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output):
+        head = get_output()
+    if head is None and str(config.task_type) == "SEQ_CLS":
+        head = next((getattr(model, n) for n in SEQ_CLS_HEADS if isinstance(getattr(model, n, None), nn.Module)), None)
+    if head is not None:
+        names -= {name for name, module in modules if module is head or getattr(module, "base_layer", None) is head}
+    return names
+
+
+def _resolve_modules_to_save(
+    modules: list[tuple[str, nn.Module]], entries: list[str], task_heads: Sequence[str]
+) -> list[str]:
+    """Names of the modules that get a trainable copy; an entry (other than a task head) must match something."""
+    chosen: list[str] = []
+    for entry in entries:
+        hits = [name for name, _ in modules if matches([entry], name)]
+        hits = [h for h in hits if not any(h.startswith(c + ".") for c in chosen)]
+        if not hits and entry not in task_heads and entry not in SEQ_CLS_HEADS + QA_HEADS:
+            raise NoMatchingPeftModuleError(
+                f"modules_to_save entry {entry!r} matched no module; closest names: "
+                f"{closest_names(entry, [n for n, _ in modules])}"
+            )
+        chosen.extend(h for h in hits if h not in chosen)
+    # keep outermost matches only: a module inside another saved module is saved with it
+    return [c for c in chosen if not any(c.startswith(o + ".") for o in chosen if o != c)]
+
+
+def _raise_no_match(targets: object, config: PeftConfig, modules: list[tuple[str, nn.Module]], excluded: int) -> None:
+    if excluded:
+        raise NoMatchingPeftModuleError(
+            f"All modules were excluded: target_modules={_show(targets)} matched {excluded} module(s), but each is "
+            f"excluded by exclude_modules={_show(getattr(config, 'exclude_modules', None))} or lies inside "
+            f"modules_to_save"
+        )
+    names = [name for name, _ in modules]
+    queries = [targets] if isinstance(targets, str) else sorted(targets)  # type: ignore[arg-type]
+    close = sorted({hit for q in queries for hit in closest_names(q, names)})
+    layer_hint = ""
+    if getattr(config, "layers_to_transform", None) is not None:
+        layer_hint = (f" with layers_to_transform={config.layers_to_transform!r} and "
+                      f"layers_pattern={config.layers_pattern!r}")
+    raise NoMatchingPeftModuleError(
+        f"target_modules {_show(targets)} matched no module{layer_hint}; closest names: {', '.join(close) or '-'}. "
+        f"Target modules {_show(targets)} not found in the base model."
+    )
+
+
+def _warn_unused_patterns(config: PeftConfig, names: list[str]) -> None:
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        patterns = getattr(config, field_name, None) or {}
+        for key in patterns:
+            if not any(matches(rf"(.*\.)?({key})", n) for n in names):
+                warnings.warn(f"{field_name} key {key!r} matched none of the targeted modules", PeftWarning,
+                              stacklevel=4)
+
+
+def _show(value: object) -> str:
+    return repr(sorted(value)) if isinstance(value, (set, frozenset)) else repr(value)
+
+
+def _examples(modules: list[tuple[str, nn.Module]]) -> list[str]:
+    leaves = dict.fromkeys(name.rsplit(".", 1)[-1] for name, m in modules if is_linear_like(m))
+    return list(leaves)[:4]

@@ -1,0 +1,242 @@
+"""``AdapterLayer``: a module that wraps a base layer and holds any number of named adapters.
+
+Methods subclass it, declare which attributes hold per-adapter parameters (``adapter_layer_names``) and implement
+``update_layer`` (create an adapter), ``get_delta_weight`` (the dense update of the base weight) and ``forward``.
+Merging, unmerging, activation, deletion and the structural state-dict view are written once here.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import AdapterNotFoundError, MergeError, PeftWarning
+
+
+class AdapterLayer(nn.Module):
+    """Base of every adapter layer (the reference's ``BaseTunerLayer``).
+
+    Attributes read by the ecosystem keep the reference's names: ``base_layer``, ``active_adapters``,
+    ``merged_adapters``, ``disable_adapters``, ``merged``.
+    """
+
+    #: attributes that are ``nn.ModuleDict``/``nn.ParameterDict`` keyed by adapter name and hold trainable tensors
+    adapter_layer_names: tuple[str, ...] = ()
+    #: attributes that are plain dicts keyed by adapter name (hyper-parameters, dropout modules, ...)
+    other_param_names: tuple[str, ...] = ()
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._active_adapter: list[str] = []
+        self.merged_adapters: list[str] = []
+        self._disable_adapters = False
+        # adapters that take part in forward: active, present here and not merged. Refreshed on every change.
+        self._forward_adapters: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def active_adapters(self) -> list[str]:
+        """Names of the active adapters (may include adapters this layer does not hold)."""
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name (a list when several are active)."""
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    @property
+    def disable_adapters(self) -> bool:
+        """True while adapters are disabled (the layer computes the base output)."""
+        return self._disable_adapters
+
+    @property
+    def merged(self) -> bool:
+        """True when at least one adapter is merged into the base weights."""
+        return bool(self.merged_adapters)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (so code reading ``module.weight`` keeps working)."""
+        return self.get_base_layer().weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias."""
+        return getattr(self.get_base_layer(), "bias", None)
+
+    def get_base_layer(self) -> nn.Module:
+        """The innermost wrapped module (wrappers may be nested)."""
+        layer = self.base_layer
+        while isinstance(layer, AdapterLayer):
+            layer = layer.base_layer
+        return layer
+
+    def adapter_names(self) -> list[str]:
+        """Names of the adapters this layer holds, in insertion order."""
+        names: dict[str, None] = {}
+        for attr in self.adapter_layer_names + self.other_param_names:
+            holder = getattr(self, attr, None)
+            if holder is not None:
+                names.update(dict.fromkeys(holder.keys()))
+        return list(names)
+
+    def has_adapter(self, name: str) -> bool:
+        """Does this layer hold adapter ``name``?"""
+        return any(name in getattr(self, attr) for attr in self.adapter_layer_names)
+
+    def _refresh(self) -> None:
+        held = set(self.adapter_names())
+        self._forward_adapters = tuple(
+            a for a in self._active_adapter if a in held and a not in self.merged_adapters
+        )
+
+    # ------------------------------------------------------------------ activation and trainability
+    def set_adapter(self, adapter_names: str | Iterable[str], trainable: dict[str, bool] | None = None) -> None:
+        """Activate ``adapter_names``. Adapter parameters get ``requires_grad`` from ``trainable[name]``
+        (missing names: active adapters trainable, inactive frozen)."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._active_adapter = names
+        for name in self.adapter_names():
+            grad = (trainable or {}).get(name, name in names) and name in names
+            for param in self.adapter_parameters(name):
+                param.requires_grad_(grad)
+        self._refresh()
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """Enable (True) or disable (False) every adapter of this layer; disabling freezes them."""
+        self._disable_adapters = not enabled
+        if not enabled:
+            for name in self.adapter_names():
+                for param in self.adapter_parameters(name):
+                    param.requires_grad_(False)
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        """The trainable tensors of adapter ``adapter_name`` held by this layer."""
+        params: list[nn.Parameter] = []
+        for attr in self.adapter_layer_names:
+            holder = getattr(self, attr)
+            if adapter_name not in holder:
+                continue
+            item = holder[adapter_name]
+            params.extend(item.parameters() if isinstance(item, nn.Module) else [item])
+        return params
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove adapter ``adapter_name`` from this layer (it must not be merged)."""
+        if adapter_name in self.merged_adapters:
+            raise MergeError(f"cannot delete adapter {adapter_name!r}: it is merged; call unmerge_adapter() first")
+        for attr in self.adapter_layer_names + self.other_param_names:
+            holder = getattr(self, attr)
+            if adapter_name in holder:
+                del holder[adapter_name]
+        if adapter_name in self._active_adapter:
+            remaining = sorted(self.adapter_names())
+            self._active_adapter = [a for a in self._active_adapter if a != adapter_name] or remaining[:1]
+        self._refresh()
+
+    # ------------------------------------------------------------------ structural state dict
+    def adapter_state(self, adapter_name: str) -> dict[str, tuple[str, torch.Tensor]]:
+        """``{saved key: (in-memory key, tensor)}`` for adapter ``adapter_name``, keys relative to this layer.
+
+        The saved key is the in-memory key with the adapter name removed: ``lora_A.default.weight`` is saved as
+        ``lora_A.weight``; a ``ParameterDict`` entry ``lora_embedding_A.default`` as ``lora_embedding_A``.
+        """
+        state: dict[str, tuple[str, torch.Tensor]] = {}
+        for attr in self.adapter_layer_names:
+            holder = getattr(self, attr)
+            if adapter_name not in holder:
+                continue
+            item = holder[adapter_name]
+            if isinstance(item, nn.Module):
+                for key, tensor in item.state_dict(keep_vars=True).items():
+                    state[f"{attr}.{key}"] = (f"{attr}.{adapter_name}.{key}", tensor)
+            else:
+                state[attr] = (f"{attr}.{adapter_name}", item)
+        return state
+
+    # ------------------------------------------------------------------ merging
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense update of the base weight for ``adapter_name``, in the base weight's layout and dtype."""
+        raise NotImplementedError
+
+    def get_delta_bias(self, adapter_name: str) -> torch.Tensor | None:
+        """Update of the base bias (None when the adapter does not change it)."""
+        return None
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add the deltas of ``adapter_names`` (default: the active adapters) into the base weights.
+
+        With ``safe_merge`` the merged weights are checked for NaN/inf before anything is written, and a
+        :class:`MergeError` leaves the weights untouched.
+        """
+        names = self._adapters_to_merge(adapter_names)
+        base = self.get_base_layer()
+        for name in names:
+            delta_w = self.get_delta_weight(name)
+            delta_b = self.get_delta_bias(name)
+            if delta_b is not None and base.bias is None:
+                raise MergeError(
+                    f"cannot merge adapter {name!r}: it has a bias (lora_bias=True) but the base layer has bias=None"
+                )
+            if safe_merge:
+                _check_finite(base.weight, delta_w, name)
+                if delta_b is not None and base.bias is not None:
+                    _check_finite(base.bias, delta_b, name)
+            with torch.no_grad():
+                base.weight.data.add_(delta_w.to(base.weight.dtype))
+                if delta_b is not None:
+                    base.bias.data.add_(delta_b.to(base.bias.dtype))
+            self.merged_adapters.append(name)
+        self._refresh()
+
+    def check_merge(self, adapter_names: list[str] | None = None) -> None:
+        """Raise :class:`MergeError` if merging ``adapter_names`` would put NaN/inf into the base weights."""
+        base = self.get_base_layer()
+        for name in self._adapters_to_merge(adapter_names, warn=False):
+            _check_finite(base.weight, self.get_delta_weight(name), name)
+            delta_b = self.get_delta_bias(name)
+            if delta_b is not None and base.bias is not None:
+                _check_finite(base.bias, delta_b, name)
+
+    def unmerge(self) -> None:
+        """Subtract every merged adapter from the base weights, last merged first."""
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            with torch.no_grad():
+                base.weight.data.sub_(self.get_delta_weight(name).to(base.weight.dtype))
+                delta_b = self.get_delta_bias(name)
+                if delta_b is not None:
+                    base.bias.data.sub_(delta_b.to(base.bias.dtype))
+        self._refresh()
+
+    def _adapters_to_merge(self, adapter_names: list[str] | None, warn: bool = True) -> list[str]:
+        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        unknown = [n for n in names if not self.has_adapter(n)]
+        if adapter_names is not None and unknown and len(unknown) == len(names):
+            return []  # the adapter may target other layers only
+        names = [n for n in names if self.has_adapter(n)]
+        already = [n for n in names if n in self.merged_adapters]
+        if warn and already and len(already) == len(names):
+            warnings.warn("All adapters are already merged, nothing to do.", PeftWarning, stacklevel=3)
+        return [n for n in names if n not in self.merged_adapters]
+
+    def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base output, unmerging first when adapters are disabled but merged."""
+        if self._disable_adapters and self.merged_adapters:
+            self.unmerge()
+        return self.base_layer(x, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names()}, active={self._active_adapter}"
+
+
+def _check_finite(weight: torch.Tensor, delta: torch.Tensor, name: str) -> None:
+    merged = weight.detach() + delta.to(weight.dtype)
+    if not torch.isfinite(merged).all():
+        raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")

@@ -1,0 +1,50 @@
+"""Classify base modules into the kinds adapter layers exist for (no method-specific code)."""
+
+from __future__ import annotations
+
+import sys
+
+from torch import nn
+
+from .base import AdapterLayer
+
+LINEAR, HF_CONV1D, EMBEDDING, CONV = "linear", "hf_conv1d", "embedding", "conv"
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """True for transformers' GPT-2 style ``Conv1D`` (a linear layer whose weight is stored ``(in, out)``).
+
+    transformers is not imported for this: a module cannot be a ``Conv1D`` unless transformers is loaded.
+    """
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(utils, "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """``"linear"``, ``"hf_conv1d"``, ``"embedding"``, ``"conv"`` or None, looking through adapter wrappers."""
+    while isinstance(module, AdapterLayer):
+        module = module.base_layer
+    if isinstance(module, nn.Linear):
+        return LINEAR
+    if is_hf_conv1d(module):
+        return HF_CONV1D
+    if isinstance(module, nn.Embedding):
+        return EMBEDDING
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return CONV
+    return None
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """Linear layers for ``target_modules="all-linear"``: ``nn.Linear`` and transformers' ``Conv1D``."""
+    return module_kind(module) in (LINEAR, HF_CONV1D)
+
+
+#: base-layer types whose forward output no autograd node saves, so adapters may add into it in place
+def inplace_safe(module: nn.Module) -> bool:
+    """True when ``module`` is exactly a torch linear/conv/embedding (or transformers ``Conv1D``) without hooks."""
+    safe = type(module) in (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d) or (
+        is_hf_conv1d(module) and type(module).__name__ == "Conv1D"
+    )
+    return safe and not module._forward_hooks and not module._forward_pre_hooks

@@ -1,0 +1,102 @@
+"""``ModulesToSaveWrapper``: a full trainable copy of a module per adapter (``modules_to_save``)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """Keeps ``original_module`` frozen and one trainable deep copy per adapter in ``modules_to_save``.
+
+    The forward runs the copy of the first active adapter that has one, else the original. The copies are saved
+    under the original module's path (``classifier.weight``), as the reference does.
+    """
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict({})
+        self._active_adapter: list[str] = [adapter_name]
+        self._disable_adapters = False
+        self.update(adapter_name)
+
+    # ------------------------------------------------------------------ adapters
+    def update(self, adapter_name: str) -> None:
+        """Create the copy for ``adapter_name`` (trainable)."""
+        copied = copy.deepcopy(self.original_module)
+        for param in copied.parameters():
+            param.requires_grad_(True)
+        self.modules_to_save[adapter_name] = copied
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disable_adapters
+
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save.keys())
+
+    def has_adapter(self, name: str) -> bool:
+        return name in self.modules_to_save
+
+    def set_adapter(self, adapter_names: str | Iterable[str], trainable: dict[str, bool] | None = None) -> None:
+        """Activate ``adapter_names``; copies of active adapters train unless ``trainable`` says otherwise."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._active_adapter = names
+        self.original_module.requires_grad_(False)
+        for name, module in self.modules_to_save.items():
+            module.requires_grad_(bool((trainable or {}).get(name, True)) and name in names)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disable_adapters = not enabled
+
+    def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
+        return list(self.modules_to_save[adapter_name].parameters()) if adapter_name in self.modules_to_save else []
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.modules_to_save:
+            del self.modules_to_save[adapter_name]
+        if adapter_name in self._active_adapter:
+            self._active_adapter = [a for a in self._active_adapter if a != adapter_name] or sorted(
+                self.modules_to_save.keys()
+            )[:1]
+
+    def adapter_state(self, adapter_name: str) -> dict[str, tuple[str, torch.Tensor]]:
+        """``{saved key: (in-memory key, tensor)}``: the copy's state under the original module's names."""
+        if adapter_name not in self.modules_to_save:
+            return {}
+        return {
+            key: (f"modules_to_save.{adapter_name}.{key}", tensor)
+            for key, tensor in self.modules_to_save[adapter_name].state_dict(keep_vars=True).items()
+        }
+
+    # ------------------------------------------------------------------ forward
+    def _current(self) -> nn.Module:
+        if not self._disable_adapters:
+            for name in self._active_adapter:
+                if name in self.modules_to_save:
+                    return self.modules_to_save[name]
+        return self.original_module
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._current()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("original_module", "modules_to_save"):
+                raise
+            return getattr(self._current(), name)

@@ -1,0 +1,87 @@
+"""Entry points: ``get_peft_model``, ``inject_adapter_in_model``, ``get_peft_config``."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import nn
+
+from .config import PeftConfig
+from .errors import ConfigError, PeftWarning
+from .layers.base import AdapterLayer
+from .peft_model import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel
+from .registry import get_method
+from .tuner import tuner_class
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
+    """Wrap ``model`` with a new adapter and return the task's ``PeftModel`` subclass.
+
+    ``model`` is modified in place (targeted modules become adapter layers, all base parameters are frozen);
+    ``peft_config`` is not modified. Use ``unload()`` to get the original modules back.
+    """
+    if mixed:
+        raise ConfigError("mixed", mixed, "peftkit does not implement PeftMixedModel yet; allowed: False")
+    if not isinstance(peft_config, PeftConfig):
+        raise ConfigError("peft_config", type(peft_config).__name__, "allowed: a PeftConfig instance (e.g. LoraConfig)")
+    if any(isinstance(m, AdapterLayer) for m in model.modules()):
+        warnings.warn(
+            "the model already holds adapter layers; wrapping it again stacks adapters. To start fresh, call "
+            ".unload() on the previous PeftModel before calling get_peft_model() again.",
+            PeftWarning,
+            stacklevel=2,
+        )
+    prefix = get_method(str(peft_config.peft_type)).prefix
+    if adapter_name in prefix:
+        warnings.warn(f"adapter_name {adapter_name!r} is a substring of the parameter prefix {prefix!r}; "
+                      "this can confuse tools that search parameter names", PeftWarning, stacklevel=2)
+    if revision is not None:
+        peft_config = peft_config.copy(revision=revision)
+    cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(peft_config.task_type), PeftModel)
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+               low_cpu_mem_usage=low_cpu_mem_usage)
+
+
+def inject_adapter_in_model(
+    peft_config: PeftConfig,
+    model: nn.Module,
+    adapter_name: str = "default",
+    low_cpu_mem_usage: bool = False,
+    state_dict: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Add adapter layers to ``model`` in place and return it (no ``PeftModel`` wrapper).
+
+    With ``state_dict``, the targets are the modules its keys name (``<path>.lora_A.weight`` -> ``<path>``).
+    The model gets a ``peft_config`` attribute so that ``get_peft_model_state_dict`` works on it.
+    """
+    if peft_config.is_prompt_learning:
+        raise ConfigError("peft_type", str(peft_config.peft_type),
+                          "inject_adapter_in_model does not support prompt-learning methods")
+    if state_dict is not None:
+        prefix = get_method(str(peft_config.peft_type)).prefix
+        names = {_strip(k).rsplit("." + prefix, 1)[0] for k in state_dict if "." + prefix in k}
+        peft_config = peft_config.copy(target_modules=names)
+    existing = getattr(model, "peft_config", None)
+    if isinstance(existing, dict) and existing:
+        raise ConfigError("model", type(model).__name__,
+                          "it already holds injected adapters; add more through a PeftModel")
+    tuner_class(peft_config.peft_type)(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    return model
+
+
+def _strip(key: str) -> str:
+    return key.removeprefix("base_model.model.")
+
+
+def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:
+    """Build the config of ``config_dict["peft_type"]`` from a dict."""
+    return PeftConfig.from_dict(config_dict)

@@ -1,0 +1,1 @@
+"""One sub-package per adapter method; each registers a :class:`~peftkit.registry.MethodSpec`."""

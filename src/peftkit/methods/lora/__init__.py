@@ -1,0 +1,121 @@
+"""LoRA: registration of the method with the registry."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...config import PeftConfig
+from ...errors import ConfigError, UnsupportedModuleError
+from ...injection.match import pattern_value
+from ...layers.dispatch import CONV, EMBEDDING, HF_CONV1D, LINEAR, module_kind
+from ...registry import MethodSpec, register_method
+from ...target_tables import default_lora_targets
+from ...types import PeftType
+from .config import LoraConfig
+from .init import SUPPORTED_INITS
+from .layers import Conv, Embedding, Linear, LoraLayer
+
+_LAYER_CLASSES: dict[str, type[LoraLayer]] = {LINEAR: Linear, HF_CONV1D: Linear, EMBEDDING: Embedding, CONV: Conv}
+
+#: config fields peftkit accepts (for file compatibility) but does not implement yet, with their inert values
+_NOT_YET: dict[str, tuple[object, ...]] = {
+    "use_dora": (False,),
+    "trainable_token_indices": (None,),
+    "target_parameters": (None, []),
+    "layer_replication": (None,),
+    "alora_invocation_tokens": (None,),
+    "use_qalora": (False,),
+    "megatron_config": (None,),
+    "eva_config": (None,),
+    "corda_config": (None,),
+    "lora_ga_config": (None,),
+    "velora_config": (None,),
+    "monteclora_config": (None,),
+    "arrow_config": (None,),
+    "kasa_config": (None,),
+    "use_bdlora": (None, False),
+    "ensure_weight_tying": (False,),
+}
+
+
+def _layer_options(name: str, module: nn.Module, config: PeftConfig) -> dict[str, Any]:
+    """Per-layer facts: the layer kind, rank and alpha after the patterns, and ``fan_in_fan_out`` (detected)."""
+    assert isinstance(config, LoraConfig)
+    kind = module_kind(module)
+    if kind is None:
+        raise UnsupportedModuleError(
+            f"target module {name!r} is a {type(module).__name__}; LoRA supports nn.Linear, nn.Embedding, "
+            f"nn.Conv1d/2d/3d and transformers' Conv1D. Adjust target_modules."
+        )
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    if kind == CONV and base.groups != 1:
+        raise UnsupportedModuleError(f"target module {name!r} is a grouped convolution (groups={base.groups}); "
+                                     "LoRA supports groups=1 only")
+    if isinstance(module, nn.Module) and hasattr(module, "adapter_layer_names") and not isinstance(module, LoraLayer):
+        raise UnsupportedModuleError(f"module {name!r} already holds adapters of another method")
+    return {
+        "kind": kind,
+        "r": pattern_value(config.rank_pattern, name, config.r),
+        "lora_alpha": pattern_value(config.alpha_pattern, name, config.lora_alpha),
+        "fan_in_fan_out": kind == HF_CONV1D,
+    }
+
+
+def _create_layer(
+    module: nn.Module, options: dict[str, Any], config: PeftConfig, adapter_name: str, dtype: torch.dtype
+) -> LoraLayer:
+    assert isinstance(config, LoraConfig)
+    layer = module if isinstance(module, LoraLayer) else _LAYER_CLASSES[options["kind"]](
+        module, fan_in_fan_out=options["fan_in_fan_out"]
+    )
+    layer.update_layer(
+        adapter_name,
+        r=options["r"],
+        lora_alpha=options["lora_alpha"],
+        lora_dropout=config.lora_dropout,
+        init_lora_weights=config.init_lora_weights,
+        use_rslora=config.use_rslora,
+        lora_bias=config.lora_bias,
+        dtype=dtype,
+    )
+    return layer
+
+
+def _check_config(config: PeftConfig, model: nn.Module) -> None:
+    """Reject, with a clear message, the reference features peftkit does not implement yet."""
+    assert isinstance(config, LoraConfig)
+    for name, inert in _NOT_YET.items():
+        value = getattr(config, name)
+        if not any(value is v or value == v for v in inert):
+            raise ConfigError(name, value, f"peftkit does not implement {name} yet; allowed: {inert[0]!r}")
+    if config.init_lora_weights not in SUPPORTED_INITS:
+        raise ConfigError("init_lora_weights", config.init_lora_weights,
+                          f"peftkit implements {list(SUPPORTED_INITS)} so far")
+
+
+LORA = register_method(
+    MethodSpec(
+        peft_type=PeftType.LORA,
+        prefix="lora_",
+        config_cls=LoraConfig,
+        tuner_name="LoraModel",
+        create_layer=_create_layer,
+        layer_options=_layer_options,
+        default_targets=default_lora_targets,
+        check_config=_check_config,
+        identity_at_init=True,
+        mergeable=True,
+        example_configs=(
+            {"r": 4, "lora_alpha": 8},
+            {"r": 4, "lora_alpha": 16, "use_rslora": True, "lora_dropout": 0.1},
+            {"r": 2, "lora_alpha": 4, "init_lora_weights": "gaussian", "bias": "lora_only"},
+            {"r": 4, "lora_alpha": 8, "bias": "all", "lora_bias": False},
+        ),
+        non_identity_kwargs={"init_lora_weights": False},
+    )
+)
+
+__all__ = ["LORA", "LoraConfig", "LoraLayer"]

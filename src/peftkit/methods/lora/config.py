@@ -1,0 +1,132 @@
+"""``LoraConfig``: the reference's fields and defaults, validated once at construction."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ...config import PeftConfig, as_set, check, is_int, is_number
+from ...types import PeftType
+
+#: ``init_lora_weights`` values the reference accepts (``pissa_niter_<k>`` too).
+INIT_CHOICES = (True, False, "gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica", "lora_ga")
+BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoraConfig(PeftConfig):
+    """Configuration of a LoRA adapter (field names and defaults of the reference's ``LoraConfig``).
+
+    The update of a targeted weight ``W: (out, in)`` is ``ΔW = scaling · B @ A`` with ``A: (r, in)``,
+    ``B: (out, r)`` and ``scaling = lora_alpha / r`` (``lora_alpha / sqrt(r)`` with ``use_rslora``).
+    ``rank_pattern`` / ``alpha_pattern`` override ``r`` / ``lora_alpha`` for modules whose name matches
+    ``(.*\\.)?(<key>)$``.
+
+    ``fan_in_fan_out`` need not be set: peftkit detects GPT-2 ``Conv1D`` (weights stored ``(in, out)``) per layer and
+    never rewrites this field.
+    """
+
+    r: int = 8
+    target_modules: list[str] | set[str] | str | None = None
+    exclude_modules: list[str] | set[str] | str | None = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] | None = field(default_factory=dict)
+    alpha_pattern: dict[str, float] | None = field(default_factory=dict)
+    megatron_config: dict[str, Any] | None = None
+    megatron_core: str | None = "megatron.core"
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    loftq_config: dict[str, Any] | Any = field(default_factory=dict)
+    eva_config: dict[str, Any] | None = None
+    corda_config: dict[str, Any] | None = None
+    lora_ga_config: dict[str, Any] | None = None
+    use_dora: bool = False
+    velora_config: dict[str, Any] | None = None
+    monteclora_config: dict[str, Any] | None = None
+    arrow_config: dict[str, Any] | None = None
+    kasa_config: dict[str, Any] | None = None
+    use_bdlora: dict[str, Any] | bool | None = None
+    alora_invocation_tokens: list[int] | None = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    layer_replication: list[tuple[int, int]] | None = None
+    lora_bias: bool = False
+    target_parameters: list[str] | None = None
+    ensure_weight_tying: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.LORA
+        self.target_modules = as_set(self.target_modules)
+        self.exclude_modules = as_set(self.exclude_modules)
+        if self.rank_pattern is None:
+            self.rank_pattern = {}
+        if self.alpha_pattern is None:
+            self.alpha_pattern = {}
+        self._validate_lora()
+
+    def _validate_lora(self) -> None:
+        check(is_int(self.r) and self.r >= 1, "r", self.r, "allowed: an int >= 1")
+        check(is_number(self.lora_alpha), "lora_alpha", self.lora_alpha, "allowed: a number")
+        check(
+            is_number(self.lora_dropout) and 0 <= self.lora_dropout < 1,
+            "lora_dropout",
+            self.lora_dropout,
+            "allowed: a float with 0 <= lora_dropout < 1",
+        )
+        check(self.bias in BIAS_CHOICES, "bias", self.bias, f"allowed: {list(BIAS_CHOICES)}")
+        check(_init_ok(self.init_lora_weights), "init_lora_weights", self.init_lora_weights,
+              f"allowed: {list(INIT_CHOICES)} or 'pissa_niter_<k>'")
+        for name in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias", "ensure_weight_tying", "use_qalora"):
+            check(isinstance(getattr(self, name), bool), name, getattr(self, name), "allowed: True or False")
+        _check_modules_field("target_modules", self.target_modules)
+        _check_modules_field("exclude_modules", self.exclude_modules)
+        check(
+            self.modules_to_save is None or (not isinstance(self.modules_to_save, str)
+                                              and all(isinstance(m, str) for m in self.modules_to_save)),
+            "modules_to_save", self.modules_to_save, "allowed: None or a list of module names",
+        )
+        self._validate_layers()
+        for key, rank in self.rank_pattern.items():
+            check(is_int(rank) and rank >= 1, f"rank_pattern[{key!r}]", rank, "allowed: an int >= 1")
+        for key, alpha in self.alpha_pattern.items():
+            check(is_number(alpha), f"alpha_pattern[{key!r}]", alpha, "allowed: a number")
+        check(not (self.lora_bias and self.init_lora_weights not in (True, False)), "lora_bias", self.lora_bias,
+              f"lora_bias=True is only allowed with init_lora_weights True or False, not {self.init_lora_weights!r}")
+        check(not (self.lora_bias and self.use_dora), "lora_bias", self.lora_bias,
+              "lora_bias=True is not allowed together with use_dora=True")
+        check(not isinstance(self.target_parameters, str), "target_parameters", self.target_parameters,
+              "allowed: None or a list of parameter names (not a str)")
+        check(not (self.init_lora_weights == "loftq" and not self.loftq_config), "loftq_config", self.loftq_config,
+              "init_lora_weights='loftq' requires a loftq_config")
+
+    def _validate_layers(self) -> None:
+        ltt = self.layers_to_transform
+        check(ltt is None or is_int(ltt) or (isinstance(ltt, (list, tuple)) and all(is_int(i) for i in ltt)),
+              "layers_to_transform", ltt, "allowed: None, an int or a list of ints")
+        check(not (isinstance(self.target_modules, str) and ltt is not None), "layers_to_transform", ltt,
+              "layers_to_transform cannot be used when target_modules is a str (regex or 'all-linear'); "
+              "use a list of module names")
+        check(not (self.layers_pattern is not None and ltt is None), "layers_pattern", self.layers_pattern,
+              "layers_pattern is only allowed together with layers_to_transform")
+
+
+def _init_ok(value: object) -> bool:
+    if isinstance(value, bool):
+        return True
+    return isinstance(value, str) and (value in INIT_CHOICES or re.fullmatch(r"pissa_niter_\d+", value) is not None)
+
+
+def _check_modules_field(name: str, value: object) -> None:
+    ok = value is None or isinstance(value, str) or (
+        isinstance(value, (set, list, tuple)) and all(isinstance(v, str) for v in value)
+    )
+    check(ok, name, value, "allowed: None, a regex str, 'all-linear' or a list of module names")

@@ -1,0 +1,1 @@
+"""Pure tensor functions: fast paths beside the plain reference implementations they are tested against."""

@@ -1,0 +1,61 @@
+"""The LoRA low-rank update of a linear output, as a plain reference and as an in-place fast path.
+
+Conventions: ``x: (..., in)``, ``A: (r, in)``, ``B: (out, r)``, optional ``bias_B: (out,)``,
+``result: (..., out)``; the update is ``scaling * ((x @ A.T) @ B.T + bias_B)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def lowrank_update_reference(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    bias_B: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain out-of-place ``result + scaling * (x @ A.T @ B.T + bias_B)``, cast back to ``result.dtype``."""
+    delta = torch.nn.functional.linear(torch.nn.functional.linear(x.to(A.dtype), A), B, bias_B)
+    return (result + delta * scaling).to(result.dtype)
+
+
+def can_update_inplace(result: torch.Tensor, A: torch.Tensor) -> bool:
+    """Whether :func:`add_lowrank_` may write into ``result``.
+
+    Requires the same dtype (a mixed-precision adapter adds in its own precision, out of place, like the
+    reference), a contiguous result, and not a leaf that requires grad. The caller guarantees that no autograd
+    node saved ``result`` (true for the outputs of linear, conv and embedding layers).
+    """
+    if result.dtype != A.dtype or not result.is_contiguous():
+        return False
+    if result.requires_grad and result.is_leaf:
+        return False
+    base = result._base
+    return base is None or not (base.requires_grad and base.is_leaf)
+
+
+def add_lowrank_(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    bias_B: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``result += scaling * (x @ A.T @ B.T + bias_B)`` written into ``result`` with one ``addmm_``.
+
+    Saves one output-sized temporary per call against the reference (the scaled product), which on CPU also
+    means less allocator churn. Falls back to :func:`lowrank_update_reference` when
+    :func:`can_update_inplace` says no. Returns the updated tensor (``result`` itself on the fast path).
+    """
+    if not can_update_inplace(result, A):
+        return lowrank_update_reference(result, x, A, B, scaling, bias_B)
+    x = x.to(A.dtype)
+    hidden = x.reshape(-1, x.shape[-1]) @ A.t()  # (N, r)
+    result.view(-1, result.shape[-1]).addmm_(hidden, B.t(), alpha=scaling)
+    if bias_B is not None:
+        result.add_(bias_B, alpha=scaling)
+    return result

@@ -1,0 +1,399 @@
+"""``PeftModel`` and its six task subclasses: thin wrappers that route inputs and delegate to the tuner.
+
+Structure (as in the reference, so checkpoint keys and attribute paths match): ``peft_model.base_model`` is the
+tuner (``LoraModel``) and ``peft_model.base_model.model`` the user's model, whose modules were replaced in place
+by adapter layers.
+
+Where trainability changes (the reference surprises users here; peftkit makes it explicit):
+
+* ``get_peft_model`` freezes the base model; the adapter trains unless ``config.inference_mode`` is True.
+* ``add_adapter`` adds a frozen, inactive adapter; ``set_adapter`` activates it.
+* ``load_adapter`` / ``from_pretrained`` load frozen adapters unless ``is_trainable=True``.
+* ``set_adapter(name)`` keeps each adapter's own trainability (the reference makes it trainable);
+  pass ``inference_mode=False`` to make it trainable, ``True`` to freeze it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from .config import PeftConfig
+from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError, PeftWarning
+from .fileio import HUB_KWARGS
+from .injection.plan import QA_HEADS, SEQ_CLS_HEADS
+from .serialization.files import load_peft_weights, save_weights
+from .serialization.model_card import render_model_card, write_model_card
+from .serialization.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from .tuner import TunerModel, tuner_class
+from .types import TaskType
+
+_LOAD_KWARGS = ("subfolder", *HUB_KWARGS)
+
+
+def _split_hub_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: kwargs.pop(k) for k in list(kwargs) if k in _LOAD_KWARGS}
+
+
+class PeftModel(nn.Module):
+    """A model with adapters: ``forward`` runs the base model, whose targeted layers now carry adapters.
+
+    Args:
+        model: the base model (modified in place: targeted modules are replaced by adapter layers).
+        peft_config: the adapter's config; peftkit keeps its own copy and never writes to this object.
+        adapter_name: name of the first adapter.
+        autocast_adapter_dtype: keep adapters in float32 on float16/bfloat16 bases.
+    """
+
+    #: modules the task adds to ``modules_to_save`` (classification heads)
+    _task_heads: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        super().__init__()
+        config = _config_for_model(model, peft_config)
+        self.base_model: TunerModel = tuner_class(config.peft_type)(
+            model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
+            autocast_adapter_dtype=autocast_adapter_dtype, task_heads=self._task_heads,
+        )
+        self._enabled = True
+
+    # ------------------------------------------------------------------ forwarding
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the base model (adapters act inside its layers)."""
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``generate`` of the base model."""
+        return self.get_base_model().generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The user's model (with adapter layers inside)."""
+        return self.base_model.model
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        """``{adapter_name: config}`` (peftkit's copies, with resolved ``target_modules``)."""
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def peft_type(self) -> str:
+        return self.base_model.peft_type
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Add a new, inactive and frozen adapter. Raises for a taken name or another method's config; the model is
+        unchanged when this raises."""
+        config = _config_for_model(self.get_base_model(), peft_config, warn=False)
+        self.base_model.inject_adapter(config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool | None = None) -> None:
+        """Activate ``adapter_name``; see the module docstring for what happens to trainability."""
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete ``adapter_name`` (raises for an unknown or merged adapter)."""
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: inside, the model computes the base model's outputs; on exit the previous state returns."""
+        was_enabled = self._enabled
+        self.base_model.disable_adapter_layers()
+        self._enabled = False
+        try:
+            yield
+        finally:
+            if was_enabled:
+                self.base_model.enable_adapter_layers()
+                self._enabled = True
+
+    # ------------------------------------------------------------------ parameters
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, all)`` parameter counts (shared parameters counted once)."""
+        trainable = total = 0
+        for param in self.parameters():
+            count = _numel(param)
+            total += count
+            if param.requires_grad:
+                trainable += count
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print ``trainable params: T || all params: A || trainable%: P`` exactly as the reference does."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / total:.4f}"
+        )
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write each adapter's ``adapter_config.json`` and weights: ``default`` at the root, others in
+        ``<dir>/<name>/``, plus a ``README.md`` model card. Every file is written atomically.
+
+        ``save_embedding_layers``: ``True`` also stores the full embedding matrices; ``"auto"`` does so only when
+        the vocabulary size differs from the base model's saved config (the reference also does it whenever an
+        embedding layer is targeted, which makes files large for no gain); ``False`` never.
+        """
+        save_directory = os.fspath(save_directory)
+        if os.path.isfile(save_directory):
+            raise ConfigError("save_directory", save_directory, "allowed: a directory path, not a file")
+        if path_initial_model_for_weight_conversion is not None:
+            raise ConfigError("path_initial_model_for_weight_conversion", path_initial_model_for_weight_conversion,
+                              "peftkit does not implement weight conversion yet (PiSSA/OLoRA); allowed: None")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            if name not in self.peft_config:
+                raise AdapterNotFoundError(name, self.peft_config)
+        if not is_main_process:
+            return
+        os.makedirs(save_directory, exist_ok=True)
+        for name in names:
+            target = save_directory if name == "default" else os.path.join(save_directory, name)
+            embeddings = self._save_embeddings(save_embedding_layers)
+            tensors = get_peft_model_state_dict(self, kwargs.get("state_dict"), name, save_embedding_layers=embeddings)
+            save_weights(tensors, target, safe_serialization)
+            config = self.peft_config[name]
+            if config.task_type is None and config.auto_mapping is None:
+                config = config.copy(auto_mapping=_auto_mapping(self.get_base_model()))
+            config.save_pretrained(target)
+        self.create_or_update_model_card(save_directory)
+
+    def _save_embeddings(self, save_embedding_layers: bool | str) -> bool:
+        if save_embedding_layers != "auto":
+            return bool(save_embedding_layers)
+        base_path = next(iter(self.peft_config.values())).base_model_name_or_path
+        emb = getattr(self.get_base_model(), "get_input_embeddings", lambda: None)()
+        config_file = os.path.join(base_path, "config.json") if base_path else None
+        if emb is None or config_file is None or not os.path.isfile(config_file):
+            return False
+        with open(config_file, encoding="utf-8") as fh:
+            vocab = json.load(fh).get("vocab_size")
+        resized = vocab is not None and vocab != emb.weight.shape[0]
+        if resized:
+            warnings.warn(f"the vocabulary was resized ({vocab} -> {emb.weight.shape[0]} rows), so the embedding "
+                          "matrices are saved with the adapter", PeftWarning, stacklevel=3)
+        return resized
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        """Write ``README.md`` with the header the Hub reads (an existing card is kept)."""
+        base = self.get_base_model()
+        quant = getattr(getattr(base, "config", None), "quantization_config", None)
+        quant_dict = quant.to_dict() if hasattr(quant, "to_dict") else quant
+        is_transformers = any(c.__name__ == "PreTrainedModel" for c in type(base).__mro__)
+        write_model_card(output_dir, render_model_card(self.peft_config, is_transformers, quant_dict))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Wrap ``model`` and load the adapter saved in ``model_id`` (a directory or a Hub repo).
+
+        The adapter is frozen unless ``is_trainable``. Files are read and checked before the model is touched; if
+        loading fails the model is restored exactly (modules and ``requires_grad``).
+        """
+        hub = _split_hub_kwargs(kwargs)
+        torch_device = kwargs.pop("torch_device", None)
+        if config is None:
+            config = PeftConfig.from_pretrained(model_id, **hub)
+        elif not isinstance(config, PeftConfig):
+            raise ConfigError("config", type(config).__name__, "allowed: a PeftConfig instance or None")
+        weights = load_peft_weights(model_id, device=torch_device, **hub)
+        config = config.copy(inference_mode=not is_trainable)
+        target_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(config.task_type), cls)
+        if key_mapping is None:
+            key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None
+        grads = {name: p.requires_grad for name, p in model.named_parameters()}
+        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                low_cpu_mem_usage=low_cpu_mem_usage)
+        try:
+            result = set_peft_model_state_dict(
+                peft_model, weights, adapter_name, kwargs.pop("ignore_mismatched_sizes", False), key_mapping=key_mapping
+            )
+        except BaseException:
+            peft_model.base_model.unload()
+            for name, p in model.named_parameters():
+                p.requires_grad_(grads.get(name, p.requires_grad))
+            raise
+        _warn_incompatible(result)
+        if not is_trainable:
+            peft_model.eval()
+        return peft_model
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike[str],
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> _IncompatibleKeys:
+        """Load a saved adapter under ``adapter_name`` beside the existing ones (not activated).
+
+        Frozen unless ``is_trainable``. Returns ``(missing_keys, unexpected_keys)``; raises (leaving the model
+        unchanged) for missing/corrupt files, shape mismatches, or a checkpoint that matches nothing.
+        """
+        hub = _split_hub_kwargs(kwargs)
+        if adapter_name in self.peft_config:
+            raise AdapterExistsError(f"Adapter with name {adapter_name!r} already exists.")
+        config = PeftConfig.from_pretrained(model_id, **hub).copy(inference_mode=not is_trainable)
+        weights = load_peft_weights(model_id, device=torch_device, **hub)
+        applied = self.base_model.inject_adapter(config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        try:
+            result = set_peft_model_state_dict(
+                self, weights, adapter_name, kwargs.pop("ignore_mismatched_sizes", False), key_mapping=key_mapping
+            )
+        except BaseException:
+            self.base_model.remove_injected(applied)
+            raise
+        _warn_incompatible(result)
+        if not is_trainable:
+            self.eval()
+        return result
+
+
+class PeftModelForCausalLM(PeftModel):
+    """Causal language models: ``forward`` and ``generate`` pass through."""
+
+    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """Encoder-decoder models; ``generate`` takes keyword arguments only, as in the reference."""
+
+    def generate(self, **kwargs: Any) -> Any:  # type: ignore[override]
+        return self.get_base_model().generate(**kwargs)
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """Sequence classification: the ``classifier`` / ``score`` head is trained in full (``modules_to_save``)."""
+
+    _task_heads = SEQ_CLS_HEADS
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """Token classification: the ``classifier`` / ``score`` head is trained in full."""
+
+    _task_heads = SEQ_CLS_HEADS
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """Extractive QA: the ``qa_outputs`` head is trained in full."""
+
+    _task_heads = QA_HEADS
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """Encoders used for embeddings; nothing extra is trained."""
+
+
+MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
+    TaskType.SEQ_CLS.value: PeftModelForSequenceClassification,
+    TaskType.SEQ_2_SEQ_LM.value: PeftModelForSeq2SeqLM,
+    TaskType.CAUSAL_LM.value: PeftModelForCausalLM,
+    TaskType.TOKEN_CLS.value: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS.value: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION.value: PeftModelForFeatureExtraction,
+}
+
+
+def _config_for_model(model: nn.Module, config: PeftConfig, warn: bool = True) -> PeftConfig:
+    """peftkit's copy of ``config`` with ``base_model_name_or_path`` recorded from ``model``."""
+    if not isinstance(config, PeftConfig):
+        raise ConfigError("peft_config", type(config).__name__, "allowed: a PeftConfig instance (e.g. LoraConfig)")
+    name = model.__dict__.get("name_or_path") or None
+    changes: dict[str, Any] = {}
+    if name is not None and config.base_model_name_or_path != name:
+        if warn and config.base_model_name_or_path is not None:
+            warnings.warn(f"base_model_name_or_path {config.base_model_name_or_path!r} is replaced by the model's "
+                          f"name_or_path {name!r}", PeftWarning, stacklevel=3)
+        changes["base_model_name_or_path"] = name
+    if config.task_type is None and config.auto_mapping is None and _auto_mapping(model):
+        changes["auto_mapping"] = _auto_mapping(model)
+    return config.copy(**changes)
+
+
+def _auto_mapping(model: nn.Module) -> dict[str, str] | None:
+    """``{"base_model_class", "parent_library"}`` for transformers models (used by ``AutoPeftModel``)."""
+    if not any(c.__name__ == "PreTrainedModel" for c in type(model).__mro__):
+        return None
+    return {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+
+
+def _numel(param: torch.Tensor) -> int:
+    count = param.numel()
+    if type(param).__name__ == "Params4bit":  # packed 4-bit weights hold two values per byte of storage
+        storage = getattr(param, "quant_storage", None)
+        count = count * 2 * (storage.itemsize if storage is not None else 1)
+    return count
+
+
+def _warn_incompatible(result: _IncompatibleKeys) -> None:
+    if result.missing_keys:
+        warnings.warn(f"Found missing adapter keys while loading the checkpoint: {result.missing_keys}", PeftWarning,
+                      stacklevel=3)
+    if result.unexpected_keys:
+        warnings.warn(f"The checkpoint holds keys that belong to no adapter of this model (ignored): "
+                      f"{result.unexpected_keys}", PeftWarning, stacklevel=3)

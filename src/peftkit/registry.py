@@ -1,0 +1,100 @@
+"""The method registry: one :class:`MethodSpec` per adapter method.
+
+Everything generic (injection, serialization, the conformance tests) asks the registry instead of branching on
+``peft_type``. A method registers itself from ``methods/<name>/__init__.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import ConfigError
+from .types import PeftType
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .config import PeftConfig
+
+# Built-in methods, imported on first registry access so that `import peftkit` stays cheap.
+_BUILTIN_METHOD_MODULES: tuple[str, ...] = ("peftkit.methods.lora",)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the generic machinery needs to know about one adapter method.
+
+    Attributes:
+        peft_type: the ``PeftType`` written to ``adapter_config.json``.
+        prefix: the prefix of every adapter parameter name (``"lora_"``): used to freeze/unfreeze.
+        config_cls: the config dataclass.
+        tuner_name: class name reported as the tuner (``"LoraModel"``), e.g. by ``get_model_status``.
+        create_layer: ``(module, options, config, adapter_name, dtype) -> AdapterLayer``: wraps a base module, or
+            adds the adapter to ``module`` when it already is one of this method's layers and returns it.
+        layer_options: ``(module_name, module, config) -> dict`` of per-layer facts stored in the plan
+            (rank, alpha, fan_in_fan_out, ...). Pure; raises ``UnsupportedModuleError`` for module types the
+            method cannot wrap.
+        default_targets: ``(model_type) -> target_modules or None``: the default table.
+        check_config: ``(config, model) -> None``; raises for features the method does not support on this model.
+        identity_at_init: whether a freshly initialised default adapter leaves outputs unchanged.
+        mergeable: whether adapters of this method can be merged into the base weights.
+        example_configs: keyword sets for ``config_cls`` used by the conformance suite; ``target_modules`` is
+            filled in by the suite for each model.
+        non_identity_kwargs: keyword arguments making a fresh adapter non-identity, so tests can observe it.
+    """
+
+    peft_type: PeftType
+    prefix: str
+    config_cls: type[PeftConfig]
+    tuner_name: str
+    create_layer: Callable[[nn.Module, dict[str, Any], PeftConfig, str, torch.dtype], nn.Module]
+    layer_options: Callable[[str, nn.Module, PeftConfig], dict[str, Any]]
+    default_targets: Callable[[str | None], Any]
+    check_config: Callable[[PeftConfig, nn.Module], None] = lambda config, model: None
+    identity_at_init: bool = True
+    mergeable: bool = True
+    example_configs: Sequence[dict[str, Any]] = field(default_factory=tuple)
+    non_identity_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[PeftType, MethodSpec] = {}
+_loaded = False
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Register ``spec``; a second registration of the same ``peft_type`` is an error."""
+    if spec.peft_type in _REGISTRY and _REGISTRY[spec.peft_type] is not spec:
+        raise ValueError(f"a method is already registered for peft_type {spec.peft_type!s}")
+    _REGISTRY[spec.peft_type] = spec
+    return spec
+
+
+def _ensure_builtins() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in _BUILTIN_METHOD_MODULES:
+            importlib.import_module(module)
+
+
+def get_method(peft_type: PeftType | str) -> MethodSpec:
+    """The spec registered for ``peft_type`` (a ``PeftType`` or its string value)."""
+    _ensure_builtins()
+    try:
+        key = PeftType(peft_type)
+    except ValueError:
+        key = None
+    if key not in _REGISTRY:
+        allowed = sorted(str(k) for k in _REGISTRY)
+        raise ConfigError("peft_type", str(peft_type), f"peftkit implements: {allowed}")
+    return _REGISTRY[key]
+
+
+def all_methods() -> list[MethodSpec]:
+    """Every registered method, in registration order."""
+    _ensure_builtins()
+    return list(_REGISTRY.values())

@@ -1,0 +1,1 @@
+"""Adapter checkpoints: structural key mapping, atomic files, model cards."""

@@ -1,0 +1,45 @@
+"""A small model card (``README.md``) with the YAML header the Hub and the reference read."""
+
+from __future__ import annotations
+
+import os
+
+from ..config import PEFTKIT_VERSION, PeftConfig
+from ..fileio import atomic_write_text
+
+_PIPELINE_TAGS = {"CAUSAL_LM": "text-generation"}
+
+
+def render_model_card(configs: dict[str, PeftConfig], is_transformers: bool, quantization: dict | None = None) -> str:
+    """README text: header (``base_model``, ``library_name: peft``, tags), a short body, framework versions."""
+    first = next(iter(configs.values()))
+    base = first.base_model_name_or_path
+    tags = {f"base_model:adapter:{base}"} if base else set()
+    tags.update(str(c.peft_type).lower() for c in configs.values() if c.peft_type is not None)
+    if is_transformers:
+        tags.add("transformers")
+    lines = ["---"]
+    if base:
+        lines.append(f"base_model: {base}")
+    lines.append("library_name: peft")
+    pipeline = _PIPELINE_TAGS.get(str(first.task_type))
+    if pipeline:
+        lines.append(f"pipeline_tag: {pipeline}")
+    lines.append("tags:")
+    lines += [f"- {tag}" for tag in sorted(tags)]
+    lines += ["---", "", "# Adapter", ""]
+    for name, cfg in configs.items():
+        lines.append(f"- `{name}`: {cfg.peft_type} adapter, task type {cfg.task_type}")
+    if quantization:
+        lines += ["", "## Training procedure", "",
+                  "The following `bitsandbytes` quantization config was used during training:"]
+        lines += [f"- {k}: {v}" for k, v in quantization.items()]
+    lines += ["", "### Framework versions", "", f"- peftkit {PEFTKIT_VERSION}", ""]
+    return "\n".join(lines)
+
+
+def write_model_card(directory: str, text: str) -> None:
+    """Write ``README.md`` unless the directory already has one (a user's card is never overwritten)."""
+    path = os.path.join(directory, "README.md")
+    if not os.path.exists(path):
+        atomic_write_text(path, text)

@@ -1,0 +1,198 @@
+"""Adapter state dicts with the reference's key names, derived from the layer structure.
+
+In memory a LoRA weight is ``base_model.model.<path>.lora_A.<adapter>.weight``; the checkpoint key drops the
+adapter name: ``base_model.model.<path>.lora_A.weight``. Keys come from each adapter module's
+``adapter_state()`` (never from searching parameter names for substrings).
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.module import _IncompatibleKeys
+
+from ..errors import AdapterLoadError, AdapterNotFoundError, PeftWarning, ShapeMismatchError, closest_names
+from ..layers.base import AdapterLayer
+from ..layers.modules_to_save import ModulesToSaveWrapper
+
+WRAPPER_PREFIX = "base_model.model."
+TensorMap = dict[str, tuple[str, torch.Tensor]]
+
+
+def _unwrap_compiled(model: nn.Module) -> nn.Module:
+    return getattr(model, "_orig_mod", model)
+
+
+def _configs(model: nn.Module) -> dict[str, Any]:
+    configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):
+        raise AdapterLoadError(f"{type(model).__name__} holds no adapters (no peft_config); inject an adapter first")
+    return configs
+
+
+def adapter_tensor_map(model: nn.Module, adapter_name: str) -> TensorMap:
+    """``{checkpoint key: (in-memory key, tensor)}`` of adapter ``adapter_name``, keys relative to ``model``.
+
+    Includes the adapter layers' tensors, ``modules_to_save`` copies (under the original module's path) and
+    the biases selected by the adapter's ``bias`` setting.
+    """
+    model = _unwrap_compiled(model)
+    configs = _configs(model)
+    if adapter_name not in configs:
+        raise AdapterNotFoundError(adapter_name, configs)
+    bias = getattr(configs[adapter_name], "bias", "none")
+    result: TensorMap = {}
+    inside: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(p) for p in inside):
+            continue
+        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+            inside.append(path + ".")
+            for saved, (mem, tensor) in module.adapter_state(adapter_name).items():
+                result[f"{path}.{saved}"] = (f"{path}.{mem}", tensor)
+            if bias == "lora_only" and isinstance(module, AdapterLayer) and module.has_adapter(adapter_name):
+                base_bias = getattr(module.get_base_layer(), "bias", None)
+                if base_bias is not None:
+                    key = f"{path}.{_base_layer_path(module)}.bias"
+                    result[key] = (key, base_bias)
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if name.endswith(".bias") and name not in {m for m, _ in result.values()} and _outside_internals(name):
+                result[name] = (name, param)
+    return result
+
+
+def _base_layer_path(layer: AdapterLayer) -> str:
+    parts = ["base_layer"]
+    inner = layer.base_layer
+    while isinstance(inner, AdapterLayer):
+        parts.append("base_layer")
+        inner = inner.base_layer
+    return ".".join(parts)
+
+
+_INTERNAL = re.compile(r"(^|\.)(lora_[A-Za-z_]+|modules_to_save|original_module)(\.|$)")
+
+
+def _outside_internals(name: str) -> bool:
+    return _INTERNAL.search(name.rsplit(".", 1)[0]) is None
+
+
+def embedding_tensor_map(model: nn.Module) -> TensorMap:
+    """The full input and output embedding matrices (saved when the vocabulary was resized)."""
+    model = _unwrap_compiled(model)
+    result: TensorMap = {}
+    for name, module in model.named_modules():
+        target = module.get_base_layer() if isinstance(module, AdapterLayer) else module
+        if not isinstance(target, nn.Embedding) or any(n in name for n in ("modules_to_save", "original_module")):
+            continue
+        key = f"{name}.{_base_layer_path(module)}.weight" if isinstance(module, AdapterLayer) else f"{name}.weight"
+        result[key] = (key, target.weight)
+    return result
+
+
+def get_peft_model_state_dict(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
+    unwrap_compiled: bool = False,
+    save_embedding_layers: bool | str = "auto",
+) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of adapter ``adapter_name``: keys without the adapter name, values detached.
+
+    Keys are relative to ``model``: a ``PeftModel`` gives ``base_model.model.<path>...``, a model with injected
+    adapters gives ``<path>...``. With ``state_dict`` (e.g. gathered by a trainer) values are taken from it.
+    ``save_embedding_layers=True`` also stores the full embedding matrices (``"auto"``: see
+    :func:`should_save_embeddings`).
+    """
+    mapping = adapter_tensor_map(model, adapter_name)
+    if save_embedding_layers is True:
+        mapping.update(embedding_tensor_map(model))
+    out: dict[str, torch.Tensor] = {}
+    for saved, (mem, tensor) in mapping.items():
+        value = state_dict.get(mem, tensor) if state_dict is not None else tensor
+        out[saved] = value.detach()
+    return out
+
+
+def _strip(key: str) -> str:
+    return key[len(WRAPPER_PREFIX):] if key.startswith(WRAPPER_PREFIX) else key
+
+
+def _apply_key_mapping(keys: list[str], key_mapping: dict[str, str] | None) -> dict[str, str]:
+    """``{normalised key: original key}``; ``key_mapping`` regexes apply after ``base_model.model.`` is stripped."""
+    out: dict[str, str] = {}
+    for key in keys:
+        norm = _strip(key)
+        for pattern, repl in (key_mapping or {}).items():
+            norm, n = re.subn(pattern, repl, norm)
+            if n:
+                break
+        out[norm] = key
+    return out
+
+
+def set_peft_model_state_dict(
+    model: nn.Module,
+    peft_model_state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+    key_mapping: dict[str, str] | None = None,
+) -> _IncompatibleKeys:
+    """Load checkpoint tensors into adapter ``adapter_name``; returns ``(missing_keys, unexpected_keys)``.
+
+    Keys may carry the ``base_model.model.`` prefix or not, whatever ``model`` is. Every shape is checked before
+    anything is written: a mismatch raises :class:`ShapeMismatchError` (or, with ``ignore_mismatched_sizes``, the
+    tensor is skipped with a warning) and the model is left unchanged. A checkpoint none of whose keys belongs to
+    this adapter raises :class:`AdapterLoadError` instead of loading nothing silently. Embedding matrices saved
+    beside the adapter (resized vocabularies) are loaded into the base embeddings.
+    """
+    model = _unwrap_compiled(model)
+    expected = {_strip(k): v for k, v in adapter_tensor_map(model, adapter_name).items()}
+    embeddings = {_strip(k): v for k, v in embedding_tensor_map(model).items()}
+    incoming = _apply_key_mapping(list(peft_model_state_dict), key_mapping)
+    plan: list[tuple[torch.Tensor, torch.Tensor]] = []
+    mismatched: list[str] = []
+    unexpected: list[str] = []
+    for norm, original in incoming.items():
+        target = expected.get(norm) or embeddings.get(norm)
+        if target is None:
+            unexpected.append(original)
+            continue
+        value = peft_model_state_dict[original]
+        if tuple(value.shape) != tuple(target[1].shape):
+            mismatched.append(f"{original}: checkpoint {tuple(value.shape)} vs model {tuple(target[1].shape)}")
+            continue
+        plan.append((target[1], value))
+    if mismatched and not ignore_mismatched_sizes:
+        raise ShapeMismatchError(
+            f"size mismatch for {len(mismatched)} tensor(s) of adapter {adapter_name!r}: " + "; ".join(mismatched[:5])
+            + ". Check r / rank_pattern / target_modules, or resize the base embeddings before loading."
+        )
+    if mismatched:
+        warnings.warn(f"skipped tensors with mismatched sizes: {mismatched}", PeftWarning, stacklevel=2)
+    if peft_model_state_dict and not plan:
+        sample = next(iter(incoming))
+        raise AdapterLoadError(
+            f"none of the {len(incoming)} checkpoint tensors belongs to adapter {adapter_name!r} of this model "
+            f"(e.g. {incoming[sample]!r}; closest model keys: {closest_names(sample, expected)}). The checkpoint was "
+            "probably made for a different model or module naming; pass key_mapping to translate its keys."
+        )
+    _copy(plan, low_cpu_mem_usage)
+    present = set(incoming)
+    missing = [mem for norm, (mem, _) in expected.items() if norm not in present]
+    return _IncompatibleKeys(missing_keys=missing, unexpected_keys=unexpected)
+
+
+def _copy(plan: list[tuple[torch.Tensor, torch.Tensor]], low_cpu_mem_usage: bool) -> None:
+    with torch.no_grad():
+        for target, value in plan:
+            if target.is_meta:
+                target.data = value.to(dtype=target.dtype)
+            else:
+                target.copy_(value)

@@ -1,0 +1,323 @@
+"""The generic tuner: holds the user's model and ``{adapter_name: config}``, and manages adapters on it.
+
+Methods are not subclasses of it; each registered method gets a named subclass (``LoraModel``) only so that
+reprs and status reports read as users expect.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import PeftConfig
+from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError, MergeError, PeftWarning
+from .injection.apply import AppliedPlan, apply_plan, rollback, set_submodule
+from .injection.plan import InjectionPlan, plan_injection
+from .layers.base import AdapterLayer
+from .layers.modules_to_save import ModulesToSaveWrapper
+from .registry import MethodSpec, get_method
+
+
+class TunerModel(nn.Module):
+    """Holds ``model`` (the user's model, modified in place) and the adapters injected into it.
+
+    Attributes:
+        model: the wrapped model.
+        peft_config: ``{adapter_name: config}``; each config is peftkit's own copy with resolved targets.
+        targeted_module_names: names of the modules holding adapter layers.
+    """
+
+    prefix: str = ""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig | dict[str, PeftConfig],
+        adapter_name: str = "default",
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+        task_heads: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self._active: list[str] = []
+        self._trainable: dict[str, bool] = {}
+        self._task_heads = tuple(task_heads)
+        self.targeted_module_names: list[str] = []
+        configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
+        for name, config in configs.items():
+            self.inject_adapter(config, name, autocast_adapter_dtype=autocast_adapter_dtype)
+        self.model.peft_config = self.peft_config
+
+    # ------------------------------------------------------------------ forwarding
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    @property
+    def method(self) -> MethodSpec:
+        return get_method(self.peft_type)
+
+    @property
+    def peft_type(self) -> str:
+        first = next(iter(self.peft_config.values()), None)
+        return str(first.peft_type) if first is not None else ""
+
+    def adapter_modules(self) -> Iterator[tuple[str, AdapterLayer | ModulesToSaveWrapper]]:
+        """``(name, module)`` of every adapter layer and ``modules_to_save`` wrapper in the model."""
+        for name, module in self.model.named_modules():
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                yield name, module
+
+    def adapter_layers(self) -> Iterator[AdapterLayer]:
+        """Every adapter layer of the model."""
+        for _, module in self.adapter_modules():
+            if isinstance(module, AdapterLayer):
+                yield module
+
+    def plan(self, config: PeftConfig, adapter_name: str) -> InjectionPlan:
+        """The injection plan ``config`` would produce on this model (nothing is modified)."""
+        return plan_injection(self.model, config, adapter_name, get_method(config.peft_type), self._task_heads)
+
+    def inject_adapter(
+        self, config: PeftConfig, adapter_name: str, autocast_adapter_dtype: bool = True
+    ) -> AppliedPlan:
+        """Add adapter ``adapter_name`` built from ``config``. The model is unchanged if this raises.
+
+        The first adapter becomes active and, unless ``config.inference_mode``, trainable; later adapters are added
+        inactive and frozen.
+        """
+        self._check_new_adapter(config, adapter_name)
+        method = get_method(config.peft_type)
+        plan = plan_injection(self.model, config, adapter_name, method, self._task_heads)
+        first = not self.peft_config
+        applied = apply_plan(self.model, plan, config, method, autocast_adapter_dtype)
+        self.peft_config[adapter_name] = config.copy(
+            target_modules=plan.target_modules,
+            modules_to_save=list(plan.modules_to_save_names) if plan.modules_to_save_names else None,
+        )
+        self._trainable[adapter_name] = not config.inference_mode
+        self.prefix = method.prefix
+        self.targeted_module_names = sorted({*self.targeted_module_names, *(lp.name for lp in plan.layers)})
+        if first:
+            self.model.requires_grad_(False)
+            self._active = [adapter_name]
+        self._refresh_trainability()
+        return applied
+
+    def _check_new_adapter(self, config: PeftConfig, adapter_name: str) -> None:
+        if not isinstance(config, PeftConfig):
+            raise ConfigError("peft_config", type(config).__name__, "allowed: a PeftConfig instance")
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ConfigError("adapter_name", adapter_name, "allowed: a non-empty str")
+        if adapter_name in self.peft_config:
+            raise AdapterExistsError(f"Adapter with name {adapter_name!r} already exists.")
+        if self.peft_config and str(config.peft_type) != self.peft_type:
+            raise ConfigError(
+                "peft_type", str(config.peft_type),
+                f"Cannot combine adapters with different peft types; this model holds {self.peft_type} adapters",
+            )
+        if config.is_prompt_learning:
+            raise ConfigError("peft_type", str(config.peft_type), "prompt-learning methods are not injected")
+        biased = [n for n, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
+        if biased and getattr(config, "bias", "none") != "none":
+            raise ConfigError(
+                "bias", config.bias,  # type: ignore[attr-defined]
+                f"at most one adapter may train biases and adapter {biased[0]!r} already has "
+                f"bias={self.peft_config[biased[0]].bias!r}; use bias='none'",  # type: ignore[attr-defined]
+            )
+
+    def remove_injected(self, applied: AppliedPlan) -> None:
+        """Undo :meth:`inject_adapter` completely (used when a load fails after injection)."""
+        rollback(self.model, applied)
+        self.peft_config.pop(applied.adapter_name, None)
+        self._trainable.pop(applied.adapter_name, None)
+        self._active = [a for a in self._active if a != applied.adapter_name]
+        self.targeted_module_names = [n for n, _ in self.adapter_modules() if not n.endswith("original_module")]
+        self._refresh_trainability()
+
+    def _require(self, names: Iterable[str]) -> list[str]:
+        names = list(names)
+        for name in names:
+            if name not in self.peft_config:
+                raise AdapterNotFoundError(name, self.peft_config)
+        return names
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool | None = None) -> None:
+        """Activate ``adapter_name`` (a name or a list; several active adapters add their updates).
+
+        Trainability: by default each adapter keeps its own mode (trainable when created by ``get_peft_model`` /
+        ``add_adapter`` with ``inference_mode=False`` or loaded with ``is_trainable=True``; frozen otherwise).
+        ``inference_mode=False`` makes the activated adapters trainable, ``True`` freezes them.
+        """
+        names = self._require([adapter_name] if isinstance(adapter_name, str) else adapter_name)
+        if inference_mode is not None:
+            for name in names:
+                self._trainable[name] = not inference_mode
+        self._active = names
+        self._refresh_trainability()
+
+    def _refresh_trainability(self) -> None:
+        """Push the active adapters and their trainability to every layer; set bias trainability."""
+        for _, module in self.adapter_modules():
+            module.set_adapter(self._active, trainable=self._trainable)
+            if getattr(module, "disable_adapters", False):
+                module.enable_adapters(False)
+        for name in self._active:
+            bias = getattr(self.peft_config.get(name), "bias", "none")
+            if bias != "none" and self._trainable.get(name):
+                for param in self._bias_params(bias):
+                    param.requires_grad_(True)
+
+    def _bias_params(self, bias: str) -> list[nn.Parameter]:
+        """Biases trained by ``bias="all"`` (every bias outside adapter internals) or ``"lora_only"``."""
+        if bias == "lora_only":
+            return [
+                layer.get_base_layer().bias for layer in self.adapter_layers()
+                if isinstance(getattr(layer.get_base_layer(), "bias", None), nn.Parameter)
+            ]
+        return [p for n, p in self.model.named_parameters() if _is_base_bias(n, self.prefix)]
+
+    def enable_adapter_layers(self) -> None:
+        """Re-enable adapters after :meth:`disable_adapter_layers`."""
+        for _, module in self.adapter_modules():
+            module.enable_adapters(True)
+        self._refresh_trainability()
+
+    def disable_adapter_layers(self) -> None:
+        """Make every adapter layer compute its base output (merged adapters are unmerged on the next forward)."""
+        for name in self.peft_config:
+            if getattr(self.peft_config[name], "bias", "none") != "none":
+                warnings.warn(
+                    f"adapter {name!r} has bias={self.peft_config[name].bias!r}: disabling adapters does not undo "
+                    "the trained biases, so outputs differ from the base model's", PeftWarning, stacklevel=2,
+                )
+        for _, module in self.adapter_modules():
+            module.enable_adapters(False)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name`` everywhere. If it was active, the first remaining adapter (sorted) becomes active.
+
+        Raises :class:`AdapterNotFoundError` for an unknown name and :class:`MergeError` (changing nothing) when the
+        adapter is merged.
+        """
+        self._require([adapter_name])
+        merged = [n for n, m in self.adapter_modules() if adapter_name in getattr(m, "merged_adapters", ())]
+        if merged:
+            raise MergeError(f"cannot delete adapter {adapter_name!r}: it is merged in {merged[:3]}; "
+                             "call unmerge_adapter() first")
+        for _, module in self.adapter_modules():
+            module.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        self._trainable.pop(adapter_name, None)
+        remaining = [a for a in self._active if a != adapter_name]
+        self._active = remaining or sorted(self.peft_config)[:1]
+        self._refresh_trainability()
+
+    # ------------------------------------------------------------------ merging
+    def _check_mergeable(self, adapter_names: list[str] | None) -> None:
+        if not get_method(self.peft_type).mergeable:
+            raise MergeError(f"{self.peft_type} adapters cannot be merged")
+        if adapter_names is not None:
+            self._require(adapter_names)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Add the updates of ``adapter_names`` (default: the active adapters) into the base weights.
+
+        ``safe_merge`` checks every layer for NaN/inf first and raises :class:`MergeError` before writing anything.
+        """
+        self._check_mergeable(adapter_names)
+        layers = list(self.adapter_layers())
+        if safe_merge:
+            for layer in layers:
+                layer.check_merge(adapter_names)
+        for layer in layers:
+            layer.merge(adapter_names=adapter_names)
+
+    def unmerge_adapter(self) -> None:
+        """Subtract every merged adapter from the base weights."""
+        for layer in self.adapter_layers():
+            layer.unmerge()
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge (``adapter_names`` or the active adapters) and return the model without adapter layers.
+
+        ``modules_to_save`` wrappers are replaced by the active adapter's trained copy.
+        """
+        self._check_mergeable(adapter_names)
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._unwrap(keep_trained_copies=True, progressbar=progressbar)
+
+    def unload(self) -> nn.Module:
+        """Return the base model with adapters removed and nothing merged (merged adapters are unmerged first).
+
+        Unlike the reference, ``modules_to_save`` wrappers go back to the original module, so the result computes
+        exactly what the base model computed before ``get_peft_model``.
+        """
+        self.unmerge_adapter()
+        return self._unwrap(keep_trained_copies=False, progressbar=False)
+
+    def _unwrap(self, keep_trained_copies: bool, progressbar: bool) -> nn.Module:
+        modules = [(n, m) for n, m in self.adapter_modules()]
+        iterator: Iterable[tuple[str, nn.Module]] = modules
+        if progressbar:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(modules, desc="Unloading " + ("and merging " if keep_trained_copies else "") + "model")
+        for name, module in iterator:
+            if isinstance(module, AdapterLayer):
+                set_submodule(self.model, name, module.get_base_layer())
+            else:
+                current = module._current() if keep_trained_copies else module.original_module
+                set_submodule(self.model, name, current)
+        if "peft_config" in self.model.__dict__:
+            del self.model.__dict__["peft_config"]
+        return self.model
+
+
+def _is_base_bias(name: str, prefix: str) -> bool:
+    parts = name.split(".")
+    if parts[-1] != "bias":
+        return False
+    internals = ("modules_to_save", "original_module")
+    return not any(p.startswith(prefix) or p in internals for p in parts[:-1]) if prefix else True
+
+
+_TUNER_CLASSES: dict[str, type[TunerModel]] = {}
+
+
+def tuner_class(peft_type: object) -> type[TunerModel]:
+    """The named tuner subclass of a method (``LoraModel`` for LoRA)."""
+    spec = get_method(str(peft_type))
+    if spec.tuner_name not in _TUNER_CLASSES:
+        _TUNER_CLASSES[spec.tuner_name] = type(spec.tuner_name, (TunerModel,), {"__module__": __name__})
+    return _TUNER_CLASSES[spec.tuner_name]
+
+
+def find_adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """``(name, layer)`` of every adapter layer in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
