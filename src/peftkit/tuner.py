@@ -113,10 +113,7 @@ class TunerModel(nn.Module):
         plan = plan_injection(self.model, config, adapter_name, method, self._task_heads)
         first = not self.peft_config
         applied = apply_plan(self.model, plan, config, method, autocast_adapter_dtype)
-        self.peft_config[adapter_name] = config.copy(
-            target_modules=plan.target_modules,
-            modules_to_save=list(plan.modules_to_save_names) if plan.modules_to_save_names else None,
-        )
+        self.peft_config[adapter_name] = config.copy(**_resolved_fields(config, plan))
         self._trainable[adapter_name] = not config.inference_mode
         self.prefix = method.prefix
         self.targeted_module_names = sorted({*self.targeted_module_names, *(lp.name for lp in plan.layers)})
@@ -296,6 +293,18 @@ class TunerModel(nn.Module):
         if "peft_config" in self.model.__dict__:
             del self.model.__dict__["peft_config"]
         return self.model
+
+
+def _resolved_fields(config: PeftConfig, plan: InjectionPlan) -> dict[str, Any]:
+    """What peftkit's stored copy of ``config`` records beyond the user's values: resolved targets, task heads, and
+    ``fan_in_fan_out=True`` when every targeted layer is a GPT-2 ``Conv1D`` (as the reference writes it)."""
+    fields: dict[str, Any] = {
+        "target_modules": plan.target_modules,
+        "modules_to_save": list(plan.modules_to_save_names) if plan.modules_to_save_names else None,
+    }
+    if hasattr(config, "fan_in_fan_out") and all(lp.options.get("fan_in_fan_out") for lp in plan.layers):
+        fields["fan_in_fan_out"] = True
+    return fields
 
 
 def _is_base_bias(name: str, prefix: str) -> bool:

@@ -1,0 +1,126 @@
+"""``ops.lowrank``: the in-place fast path ``add_lowrank_`` equals ``lowrank_update_reference`` in values and
+gradients, and falls back to the reference when writing in place is not allowed."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from peftkit.ops.lowrank import add_lowrank_, can_update_inplace, lowrank_update_reference
+
+SETTINGS = settings(max_examples=25, deadline=None)
+
+shapes = st.fixed_dictionaries({
+    "lead": st.lists(st.integers(1, 4), min_size=1, max_size=2),  # (N,) for 2-D inputs, (B, T) for 3-D
+    "d_in": st.integers(1, 9),
+    "d_out": st.integers(1, 9),
+    "r": st.integers(1, 5),
+    "bias": st.booleans(),
+    "scaling": st.floats(-4.0, 4.0, allow_nan=False, allow_infinity=False),
+    "seed": st.integers(0, 2**16),
+})
+
+
+def _tensors(spec, dtype=torch.float32):
+    g = torch.Generator().manual_seed(spec["seed"])
+    lead, d_in, d_out, r = spec["lead"], spec["d_in"], spec["d_out"], spec["r"]
+    x = torch.randn(*lead, d_in, generator=g, dtype=dtype)
+    W = torch.randn(d_out, d_in, generator=g, dtype=dtype)  # frozen base weight
+    A = torch.randn(r, d_in, generator=g, dtype=dtype)
+    B = torch.randn(d_out, r, generator=g, dtype=dtype)
+    bias = torch.randn(d_out, generator=g, dtype=dtype) if spec["bias"] else None
+    return x, W, A, B, bias
+
+
+def _run(fn, spec, dtype=torch.float32):
+    """Base linear output plus the low-rank update via ``fn``; returns output and grads of x, A, B, bias."""
+    x, W, A, B, bias = _tensors(spec, dtype)
+    leaves = [t.requires_grad_() for t in (x, A, B)] + ([bias.requires_grad_()] if bias is not None else [])
+    result = torch.nn.functional.linear(x, W)  # non-leaf output no autograd node saved
+    out = fn(result, x, A, B, spec["scaling"], bias)
+    weight = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+    (out * weight).sum().backward()
+    return out.detach(), [t.grad for t in leaves], result
+
+
+@SETTINGS
+@given(spec=shapes)
+def test_values_and_gradients_match_reference(spec):
+    out_fast, grads_fast, _ = _run(add_lowrank_, spec)
+    out_ref, grads_ref, _ = _run(lowrank_update_reference, spec)
+    assert out_fast.shape == (*spec["lead"], spec["d_out"])
+    torch.testing.assert_close(out_fast, out_ref, atol=1e-5, rtol=1e-5)
+    for g_fast, g_ref in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(g_fast, g_ref, atol=1e-5, rtol=1e-5)
+
+
+@SETTINGS
+@given(spec=shapes)
+def test_fast_path_writes_in_place(spec):
+    x, W, A, B, bias = _tensors(spec)
+    result = torch.nn.functional.linear(x, W)
+    expected = lowrank_update_reference(result.clone(), x, A, B, spec["scaling"], bias)
+    ptr = result.data_ptr()
+    out = add_lowrank_(result, x, A, B, spec["scaling"], bias)
+    assert out is result and out.data_ptr() == ptr
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@SETTINGS
+@given(spec=shapes)
+def test_leaf_result_requiring_grad_falls_back(spec):
+    x, _, A, B, bias = _tensors(spec)
+    result = torch.randn(*spec["lead"], spec["d_out"], requires_grad=True)
+    assert not can_update_inplace(result, A)
+    out = add_lowrank_(result, x, A, B, spec["scaling"], bias)
+    assert out is not result
+    torch.testing.assert_close(out, lowrank_update_reference(result, x, A, B, spec["scaling"], bias))
+    out.sum().backward()
+    torch.testing.assert_close(result.grad, torch.ones_like(result))  # result itself is untouched and in the graph
+
+
+@SETTINGS
+@given(spec=shapes)
+def test_dtype_mismatch_falls_back(spec):
+    x, W, A, B, bias = _tensors(spec)
+    result = torch.nn.functional.linear(x, W).double()  # base in float64, adapter in float32
+    snapshot = result.clone()
+    assert not can_update_inplace(result, A)
+    out = add_lowrank_(result, x, A, B, spec["scaling"], bias)
+    assert out.dtype == torch.float64
+    assert torch.equal(result, snapshot)  # not written
+    torch.testing.assert_close(out, lowrank_update_reference(snapshot, x, A, B, spec["scaling"], bias))
+    out_fast, grads_fast, _ = _run(lambda r, *a: add_lowrank_(r.double(), *a), spec)
+    out_ref, grads_ref, _ = _run(lambda r, *a: lowrank_update_reference(r.double(), *a), spec)
+    torch.testing.assert_close(out_fast, out_ref)
+    for g_fast, g_ref in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(g_fast, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_non_contiguous_result_falls_back():
+    g = torch.Generator().manual_seed(0)
+    x, A, B = torch.randn(5, 3, generator=g), torch.randn(2, 3, generator=g), torch.randn(4, 2, generator=g)
+    result = torch.randn(4, 5, generator=g).t()  # (5, 4), not contiguous
+    snapshot = result.clone()
+    out = add_lowrank_(result, x, A, B, 0.5)
+    assert out is not result and torch.equal(result, snapshot)
+    torch.testing.assert_close(out, snapshot + 0.5 * x @ A.t() @ B.t())
+
+
+def test_view_of_leaf_requiring_grad_falls_back():
+    base = torch.zeros(2, 4, requires_grad=True)
+    A, B = torch.ones(1, 3), torch.ones(4, 1)
+    view = base[:]
+    assert not can_update_inplace(view, A)
+    out = add_lowrank_(view, torch.ones(2, 3), A, B, 2.0)
+    torch.testing.assert_close(out, torch.full((2, 4), 6.0))
+
+
+def test_reference_formula_with_bias():
+    x = torch.tensor([[1.0, 2.0]])
+    A = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    B = torch.tensor([[1.0, 1.0]])
+    bias = torch.tensor([0.5])
+    out = lowrank_update_reference(torch.tensor([[10.0]]), x, A, B, 2.0, bias)
+    torch.testing.assert_close(out, torch.tensor([[10.0 + 2.0 * (3.0 + 0.5)]]))
