@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeVar
 
+from typing_extensions import Self
+
 from .errors import AdapterLoadError, ConfigError, PeftWarning
 from .fileio import atomic_write_text, resolve_file
 from .types import PeftType, TaskType
@@ -132,7 +134,7 @@ class PeftConfig:
         atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
 
     @classmethod
-    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+    def from_dict(cls, data: dict[str, Any]) -> Self:
         """Build the config of ``data["peft_type"]`` (or ``cls``) from a dict, dropping unknown keys with a warning."""
         data = dict(data)
         target = _config_class_for(cls, data.get("peft_type"))
@@ -164,8 +166,8 @@ class PeftConfig:
 
     @classmethod
     def from_pretrained(
-        cls: type[C], pretrained_model_name_or_path: str | os.PathLike[str], subfolder: str | None = None, **kwargs: Any
-    ) -> C:
+        cls, pretrained_model_name_or_path: str | os.PathLike[str], subfolder: str | None = None, **kwargs: Any
+    ) -> Self:
         """Load ``adapter_config.json`` from a local directory or a Hub repo (``subfolder``, ``revision``, ...).
 
         Keyword arguments that are config fields override the saved values.
@@ -186,7 +188,7 @@ class PeftConfig:
         """Build the config class registered for ``kwargs["peft_type"]``."""
         return cls.from_dict(kwargs)
 
-    def copy(self: C, **changes: Any) -> C:
+    def copy(self, **changes: Any) -> Self:
         """A new config with ``changes`` applied (the original is untouched)."""
         return dataclasses.replace(self, **changes)
 

@@ -10,7 +10,6 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import torch
 from torch import nn
 
 from .config import PeftConfig

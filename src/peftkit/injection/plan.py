@@ -85,7 +85,7 @@ def plan_injection(
     modules = list(candidate_modules(model))
     targets = _resolve_targets(model, config, modules, method)
     save_entries = list(dict.fromkeys([*(getattr(config, "modules_to_save", None) or []), *task_heads]))
-    layers, excluded = [], 0
+    layers, excluded, other_layers = [], 0, 0
     for name, module in modules:
         if not matches(targets, name):
             continue
@@ -95,10 +95,11 @@ def plan_injection(
         if not isinstance(targets, str) and not in_layers(
             name, getattr(config, "layers_to_transform", None), getattr(config, "layers_pattern", None)
         ):
+            other_layers += 1
             continue
         layers.append(LayerPlan(name, method.layer_options(name, module, config)))
     if not layers:
-        _raise_no_match(targets, config, modules, excluded)
+        _raise_no_match(targets, config, modules, excluded, other_layers)
     _warn_unused_patterns(config, [layer.name for layer in layers])
     saved = _resolve_modules_to_save(modules, save_entries, task_heads)
     return InjectionPlan(
@@ -159,7 +160,15 @@ def _resolve_modules_to_save(
     return [c for c in chosen if not any(c.startswith(o + ".") for o in chosen if o != c)]
 
 
-def _raise_no_match(targets: object, config: PeftConfig, modules: list[tuple[str, nn.Module]], excluded: int) -> None:
+def _raise_no_match(
+    targets: object, config: PeftConfig, modules: list[tuple[str, nn.Module]], excluded: int, other_layers: int
+) -> None:
+    if other_layers:
+        raise NoMatchingPeftModuleError(
+            f"target_modules {_show(targets)} matched {other_layers} module(s), but none lies in "
+            f"layers_to_transform={config.layers_to_transform!r} (layers_pattern={config.layers_pattern!r}); "
+            "the layer index is the number after the layers_pattern segment (e.g. model.layers.3.self_attn.q_proj)"
+        )
     if excluded:
         raise NoMatchingPeftModuleError(
             f"All modules were excluded: target_modules={_show(targets)} matched {excluded} module(s), but each is "
@@ -168,13 +177,9 @@ def _raise_no_match(targets: object, config: PeftConfig, modules: list[tuple[str
         )
     names = [name for name, _ in modules]
     queries = [targets] if isinstance(targets, str) else sorted(targets)  # type: ignore[arg-type]
-    close = sorted({hit for q in queries for hit in closest_names(q, names)})
-    layer_hint = ""
-    if getattr(config, "layers_to_transform", None) is not None:
-        layer_hint = (f" with layers_to_transform={config.layers_to_transform!r} and "
-                      f"layers_pattern={config.layers_pattern!r}")
+    close = list(dict.fromkeys(hit for q in queries for hit in closest_names(q, names)))
     raise NoMatchingPeftModuleError(
-        f"target_modules {_show(targets)} matched no module{layer_hint}; closest names: {', '.join(close) or '-'}. "
+        f"target_modules {_show(targets)} matched no module; closest names: {', '.join(close) or '-'}. "
         f"Target modules {_show(targets)} not found in the base model."
     )
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import AdapterNotFoundError, MergeError, PeftWarning
+from ..errors import MergeError, PeftWarning
 
 
 class AdapterLayer(nn.Module):

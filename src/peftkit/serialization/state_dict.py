@@ -120,7 +120,7 @@ def get_peft_model_state_dict(
 
 
 def _strip(key: str) -> str:
-    return key[len(WRAPPER_PREFIX):] if key.startswith(WRAPPER_PREFIX) else key
+    return key.removeprefix(WRAPPER_PREFIX)
 
 
 def _apply_key_mapping(keys: list[str], key_mapping: dict[str, str] | None) -> dict[str, str]:

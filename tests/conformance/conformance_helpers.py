@@ -1,0 +1,237 @@
+"""Shared helpers of the conformance suite: parameters over (method x example config x model case), building
+wrapped models, forward passes, and snapshots for "the model is unchanged" checks.
+
+Every registered method (``peftkit.registry.all_methods()``) gets the whole suite: configs are built generically as
+``spec.config_cls(task_type=case.task_type, target_modules=case.target_modules, **example_kwargs)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+import torch
+from models import TASK_CASES, TaskCase, model_output
+from torch import nn
+
+from peftkit import AdapterLayer, ModulesToSaveWrapper, PeftConfig, PeftModel, get_peft_model
+from peftkit.registry import MethodSpec, all_methods
+
+METHODS: list[MethodSpec] = all_methods()
+BATCH = 2
+#: tolerances of REFERENCE.md §4 (fp32)
+TOL_IDENTITY = 1e-6
+TOL_MERGE = 1e-5
+#: merged weights are rounded to fp32 at the scale of W + dW: merge comparisons also allow this error relative to
+#: the largest compared value
+RTOL_MERGE = 1e-5
+#: task types whose head the reference adds to ``modules_to_save``
+HEAD_TASKS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """One example config of one method: ``kwargs`` has everything but ``task_type`` / ``target_modules``."""
+
+    spec: MethodSpec
+    index: int
+    kwargs: dict[str, Any]
+
+    @property
+    def id(self) -> str:
+        return f"{self.spec.peft_type}-{self.index}"
+
+    def config(self, case: TaskCase, **overrides: Any) -> PeftConfig:
+        """The config for ``case`` (``overrides`` win over the example's keyword arguments)."""
+        kwargs = {"task_type": case.task_type, "target_modules": list(case.target_modules), **self.kwargs, **overrides}
+        return self.spec.config_cls(**kwargs)
+
+    def observable(self, case: TaskCase, **overrides: Any) -> PeftConfig:
+        """Like :meth:`config`, with ``spec.non_identity_kwargs`` so a fresh adapter changes the outputs."""
+        return self.config(case, **{**self.spec.non_identity_kwargs, **overrides})
+
+    def field(self, name: str, default: Any = None) -> Any:
+        """The value of config field ``name`` in this example (its dataclass default when not given)."""
+        if name in self.kwargs:
+            return self.kwargs[name]
+        for f in dataclasses.fields(self.spec.config_cls):
+            if f.name == name:
+                return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        return default
+
+
+def _method_configs(first_only: bool) -> list[MethodConfig]:
+    out = []
+    for spec in METHODS:
+        examples = list(spec.example_configs) or [{}]
+        for i, kwargs in enumerate(examples[:1] if first_only else examples):
+            out.append(MethodConfig(spec, i, dict(kwargs)))
+    return out
+
+
+ALL_CONFIGS = _method_configs(first_only=False)
+FIRST_CONFIGS = _method_configs(first_only=True)
+
+
+def _product(configs: list[MethodConfig], cases: Iterable[TaskCase]) -> list[Any]:
+    cases = list(cases)
+    return [pytest.param(mc, case, id=f"{mc.id}-{case.name}") for mc in configs for case in cases]
+
+
+#: every example config of every method x every model case (cheap properties)
+ALL = _product(ALL_CONFIGS, TASK_CASES)
+#: the first example config of every method x every model case (expensive properties)
+FIRST = _product(FIRST_CONFIGS, TASK_CASES)
+
+
+def config_has_field(spec: MethodSpec, name: str) -> bool:
+    return any(f.name == name for f in dataclasses.fields(spec.config_cls))
+
+
+# ------------------------------------------------------------------------------------------------ models
+
+
+def base_model(case: TaskCase) -> nn.Module:
+    """A fresh base model in eval mode (the factories are deterministic: every call gives the same weights)."""
+    return case.build().eval()
+
+
+def wrap(case: TaskCase, config: PeftConfig, seed: int = 0) -> PeftModel:
+    """``get_peft_model`` on a fresh base, adapters initialised under ``seed``; returned in eval mode."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(base_model(case), config)
+    return model.eval()
+
+
+def add_adapter(model: PeftModel, name: str, config: PeftConfig, seed: int) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model.add_adapter(name, config)
+
+
+@torch.no_grad()
+def output(model: nn.Module, case: TaskCase) -> torch.Tensor:
+    """The compared output tensor of ``model`` on the case's inputs (batch 2)."""
+    return model_output(model(**case.make_inputs(BATCH)), case.output_key).detach().clone()
+
+
+def base_output(case: TaskCase) -> torch.Tensor:
+    return output(base_model(case), case)
+
+
+def loss_of(model: nn.Module, case: TaskCase) -> torch.Tensor:
+    """The model's loss when the case has labels, else a fixed random weighting of the compared output summed (a
+    plain sum has zero gradient behind a final LayerNorm whose weight is still all ones)."""
+    out = model(**case.make_inputs(BATCH))
+    if case.has_loss:
+        return out.loss
+    tensor = model_output(out, case.output_key)
+    weights = torch.randn(tensor.shape, generator=torch.Generator().manual_seed(11), dtype=tensor.dtype)
+    return (tensor * weights).sum()
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return (a - b).abs().max().item()
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float, what: str = "outputs", rtol: float = 0.0) -> None:
+    """``max |a - b| <= tol + rtol * max |b|`` (``rtol=0``: absolute tolerance only)."""
+    diff, scale = max_diff(a, b), b.abs().max().item()
+    assert diff <= tol + rtol * scale, f"{what} differ by {diff:.3g} (tolerance {tol:g} + {rtol:g} * {scale:.3g})"
+
+
+def assert_differs(a: torch.Tensor, b: torch.Tensor, what: str = "outputs", min_diff: float = 1e-4) -> None:
+    diff = max_diff(a, b)
+    assert diff > min_diff, f"{what} should differ but differ by only {diff:.3g}"
+
+
+def adapter_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (AdapterLayer, ModulesToSaveWrapper))]
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+
+def is_adapter_param(name: str, prefix: str) -> bool:
+    """Does parameter ``name`` belong to an adapter (a path component starts with the method's prefix)?"""
+    return any(part.startswith(prefix) for part in name.split(".")[:-1])
+
+
+def in_adapter(name: str, adapter: str, prefix: str) -> bool:
+    """Is ``name`` a tensor of adapter ``adapter`` (adapter layer tensor or modules_to_save copy)?"""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if (part.startswith(prefix) or part == "modules_to_save") and i + 1 < len(parts) and parts[i + 1] == adapter:
+            return True
+    return False
+
+
+def clone_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@dataclass
+class Snapshot:
+    """What must stay the same when an operation fails: structure, flags, configs and outputs."""
+
+    module_types: dict[str, type]
+    requires_grad: dict[str, bool]
+    params: dict[str, torch.Tensor]
+    configs: dict[str, dict[str, Any]] | None
+    active: list[str] | None
+    out: torch.Tensor
+
+
+def snapshot(model: nn.Module, case: TaskCase) -> Snapshot:
+    configs = getattr(model, "peft_config", None)
+    return Snapshot(
+        module_types={n: type(m) for n, m in model.named_modules()},
+        requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
+        params=clone_params(model),
+        configs={k: c.to_dict() for k, c in configs.items()} if isinstance(configs, dict) else None,
+        active=list(model.active_adapters) if isinstance(model, PeftModel) else None,
+        out=output(model, case),
+    )
+
+
+def assert_unchanged(model: nn.Module, case: TaskCase, before: Snapshot) -> None:
+    after = snapshot(model, case)
+    assert after.module_types == before.module_types, "module structure changed"
+    assert after.requires_grad == before.requires_grad, "requires_grad flags changed"
+    assert after.params.keys() == before.params.keys()
+    changed = [n for n in before.params if not torch.equal(before.params[n], after.params[n])]
+    assert not changed, f"parameters changed: {changed[:5]}"
+    assert after.configs == before.configs, "peft_config changed"
+    assert after.active == before.active, "active adapters changed"
+    assert torch.equal(after.out, before.out), "outputs changed"
+
+
+def perturb_trainable(model: nn.Module, seed: int = 0, scale: float = 0.05) -> None:
+    """Add deterministic noise to every trainable tensor (so a saved adapter differs from any fresh one)."""
+    perturb(model, [n for n, p in model.named_parameters() if p.requires_grad], seed, scale)
+
+
+def perturb(model: nn.Module, names: Iterable[str], seed: int = 0, scale: float = 0.05) -> None:
+    """Add deterministic noise to the named parameters."""
+    wanted = set(names)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in wanted:
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+
+
+def adapter_param_names(model: nn.Module, adapter: str, prefix: str) -> list[str]:
+    """Names of adapter ``adapter``'s tensors: its layer tensors and its ``modules_to_save`` copies."""
+    return [n for n, _ in model.named_parameters() if in_adapter(n, adapter, prefix)]
+
+
+def mergeable(params: list[Any]) -> list[Any]:
+    """The subset of ``ALL`` / ``FIRST`` params whose method can merge."""
+    return [p for p in params if p.values[0].spec.mergeable]
