@@ -17,7 +17,29 @@ from torch import nn
 from ..errors import MergeError, PeftWarning
 
 
-class AdapterLayer(nn.Module):
+class AdapterState:
+    """Activation state shared by adapter layers and ``modules_to_save`` wrappers (reference attribute names)."""
+
+    _active_adapter: list[str]
+    _disable_adapters: bool
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """Names of the active adapters (may include adapters this module does not hold)."""
+        return list(self._active_adapter)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name (a list when several are active)."""
+        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
+
+    @property
+    def disable_adapters(self) -> bool:
+        """True while adapters are disabled (the module computes the base output)."""
+        return self._disable_adapters
+
+
+class AdapterLayer(AdapterState, nn.Module):
     """Base of every adapter layer (the reference's ``BaseTunerLayer``).
 
     Attributes read by the ecosystem keep the reference's names: ``base_layer``, ``active_adapters``,
@@ -39,21 +61,6 @@ class AdapterLayer(nn.Module):
         self._forward_adapters: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ state
-    @property
-    def active_adapters(self) -> list[str]:
-        """Names of the active adapters (may include adapters this layer does not hold)."""
-        return list(self._active_adapter)
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        """The active adapter's name (a list when several are active)."""
-        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
-
-    @property
-    def disable_adapters(self) -> bool:
-        """True while adapters are disabled (the layer computes the base output)."""
-        return self._disable_adapters
-
     @property
     def merged(self) -> bool:
         """True when at least one adapter is merged into the base weights."""

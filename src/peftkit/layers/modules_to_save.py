@@ -9,8 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .base import AdapterState
 
-class ModulesToSaveWrapper(nn.Module):
+
+class ModulesToSaveWrapper(AdapterState, nn.Module):
     """Keeps ``original_module`` frozen and one trainable deep copy per adapter in ``modules_to_save``.
 
     The forward runs the copy of the first active adapter that has one, else the original. The copies are saved
@@ -32,18 +34,6 @@ class ModulesToSaveWrapper(nn.Module):
         for param in copied.parameters():
             param.requires_grad_(True)
         self.modules_to_save[adapter_name] = copied
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self._active_adapter)
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        return self._active_adapter[0] if len(self._active_adapter) == 1 else list(self._active_adapter)
-
-    @property
-    def disable_adapters(self) -> bool:
-        return self._disable_adapters
 
     def adapter_names(self) -> list[str]:
         return list(self.modules_to_save.keys())
