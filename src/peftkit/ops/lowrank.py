@@ -14,7 +14,7 @@ def lowrank_update_reference(
     x: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
-    scaling: float,
+    scaling: float | torch.Tensor,
     bias_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Plain out-of-place ``result + scaling * (x @ A.T @ B.T + bias_B)``, cast back to ``result.dtype``."""
@@ -42,7 +42,7 @@ def add_lowrank_(
     x: torch.Tensor,
     A: torch.Tensor,
     B: torch.Tensor,
-    scaling: float,
+    scaling: float | torch.Tensor,
     bias_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``result += scaling * (x @ A.T @ B.T + bias_B)`` written into ``result`` with one ``addmm_``.
@@ -55,7 +55,18 @@ def add_lowrank_(
         return lowrank_update_reference(result, x, A, B, scaling, bias_B)
     x = x.to(A.dtype)
     hidden = x.reshape(-1, x.shape[-1]) @ A.t()  # (N, r)
+    if isinstance(scaling, torch.Tensor):  # a 0-dim tensor (compiled hot-swap): multiply, don't bake a constant
+        hidden = hidden * scaling
+        bias_B = None if bias_B is None else bias_B * scaling
+        scaling = 1.0
     result.view(-1, result.shape[-1]).addmm_(hidden, B.t(), alpha=scaling)
     if bias_B is not None:
         result.add_(bias_B, alpha=scaling)
     return result
+
+
+def add_scaled_(result: torch.Tensor, delta: torch.Tensor, scaling: float | torch.Tensor) -> torch.Tensor:
+    """``result += scaling * delta`` in place; a tensor ``scaling`` (compiled hot-swap) is multiplied in."""
+    if isinstance(scaling, torch.Tensor):
+        return result.add_(delta * scaling)
+    return result.add_(delta, alpha=scaling)

@@ -17,7 +17,7 @@ from torch import nn
 
 from ...layers.base import AdapterLayer
 from ...layers.dispatch import inplace_safe
-from ...ops.lowrank import add_lowrank_, can_update_inplace, lowrank_update_reference
+from ...ops.lowrank import add_lowrank_, add_scaled_, can_update_inplace, lowrank_update_reference
 from .init import init_conv_or_linear_, init_embedding_
 
 
@@ -184,7 +184,9 @@ class Embedding(LoraLayer):
             if embed_scale is not None:
                 hidden = hidden * embed_scale.to(hidden.dtype) if torch.is_tensor(embed_scale) else hidden * embed_scale
             if self._inplace and can_update_inplace(result, B):
-                result.view(-1, result.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), B.t(), alpha=scaling)
+                hidden = hidden * scaling if isinstance(scaling, torch.Tensor) else hidden
+                alpha = 1.0 if isinstance(scaling, torch.Tensor) else scaling
+                result.view(-1, result.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), B.t(), alpha=alpha)
             else:
                 result = (result + (hidden @ B.t()) * scaling).to(result.dtype)
         return result
@@ -219,7 +221,7 @@ class Conv(LoraLayer):
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             delta = lora_B(lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype))))
             if self._inplace and can_update_inplace(result, lora_A.weight):
-                result.add_(delta, alpha=self.scaling[name])
+                add_scaled_(result, delta, self.scaling[name])
             else:
                 result = (result + delta * self.scaling[name]).to(result.dtype)
         return result
