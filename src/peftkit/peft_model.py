@@ -81,13 +81,22 @@ class PeftModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the base model (adapters act inside its layers)."""
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """Run the base model (adapters act inside its layers).
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """``generate`` of the base model."""
-        return self.get_base_model().generate(*args, **kwargs)
+        ``adapter_names``: one adapter name per row of the batch (``"__base__"`` for none), inference only.
+        """
+        if adapter_names is None:
+            return self.base_model(*args, **kwargs)
+        with self.base_model.mixed_batch(adapter_names, _batch_size(args, kwargs)):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """``generate`` of the base model; ``adapter_names`` routes each input row (and its beams/samples)."""
+        if adapter_names is None:
+            return self.get_base_model().generate(*args, **kwargs)
+        with self.base_model.mixed_batch(adapter_names, _batch_size(args, kwargs)):
+            return self.get_base_model().generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         """The user's model (with adapter layers inside)."""
@@ -324,7 +333,7 @@ class PeftModelForSeq2SeqLM(PeftModel):
     """Encoder-decoder models; ``generate`` takes keyword arguments only, as in the reference."""
 
     def generate(self, **kwargs: Any) -> Any:  # type: ignore[override]
-        return self.get_base_model().generate(**kwargs)
+        return super().generate(**kwargs)
 
 
 class PeftModelForSequenceClassification(PeftModel):
@@ -380,6 +389,20 @@ def _auto_mapping(model: nn.Module) -> dict[str, str] | None:
     if not any(c.__name__ == "PreTrainedModel" for c in type(model).__mro__):
         return None
     return {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+
+
+#: keyword inputs whose first dimension is the batch, in the order they are looked for
+_BATCH_INPUTS = ("input_ids", "inputs_embeds", "input_features", "pixel_values", "input_values", "x")
+
+
+def _batch_size(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+    """Rows in the batch of a forward/generate call (None when no input tensor is recognised)."""
+    for key in _BATCH_INPUTS:
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    first = args[0] if args else None
+    return first.shape[0] if isinstance(first, torch.Tensor) else None
 
 
 def _numel(param: torch.Tensor) -> int:

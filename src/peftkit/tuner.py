@@ -6,6 +6,7 @@ reprs and status reports read as users expect.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -19,6 +20,9 @@ from .injection.plan import InjectionPlan, plan_injection
 from .layers.base import AdapterLayer
 from .layers.modules_to_save import ModulesToSaveWrapper
 from .registry import MethodSpec, get_method
+
+#: the name that routes a row of a mixed batch through the base model only
+BASE_ROW = "__base__"
 
 
 class TunerModel(nn.Module):
@@ -129,6 +133,9 @@ class TunerModel(nn.Module):
             raise ConfigError("adapter_name", adapter_name, "allowed: a non-empty str")
         if adapter_name in self.peft_config:
             raise AdapterExistsError(f"Adapter with name {adapter_name!r} already exists.")
+        if adapter_name == BASE_ROW:
+            raise ConfigError("adapter_name", adapter_name, f"{BASE_ROW!r} is reserved for base-model rows of mixed "
+                              "batches; choose another name")
         if self.peft_config and str(config.peft_type) != self.peft_type:
             raise ConfigError(
                 "peft_type", str(config.peft_type),
@@ -230,6 +237,41 @@ class TunerModel(nn.Module):
         remaining = [a for a in self._active if a != adapter_name]
         self._active = remaining or sorted(self.peft_config)[:1]
         self._refresh_trainability()
+
+    # ------------------------------------------------------------------ mixed batches
+    @contextlib.contextmanager
+    def mixed_batch(self, adapter_names: Sequence[str], batch_size: int | None = None) -> Iterator[None]:
+        """Route row ``i`` of the batches run inside this context through adapter ``adapter_names[i]``
+        (``"__base__"``: no adapter). Inference only.
+
+        Raises: ValueError in training mode or when ``batch_size`` differs from ``len(adapter_names)``;
+        :class:`AdapterNotFoundError` for unknown names; :class:`MergeError` while adapters are merged.
+        """
+        names = tuple(adapter_names) if not isinstance(adapter_names, str) else (adapter_names,)
+        self._check_mixed(names, batch_size)
+        modules = [m for _, m in self.adapter_modules()]
+        for module in modules:
+            module._row_adapters = names
+        try:
+            yield
+        finally:
+            for module in modules:
+                module._row_adapters = None
+
+    def _check_mixed(self, names: tuple[str, ...], batch_size: int | None) -> None:
+        if self.model.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call model.eval()")
+        if batch_size is not None and batch_size != len(names):
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {batch_size} rows; "
+                             "pass one adapter name per row")
+        unknown = sorted({n for n in names if n != BASE_ROW and n not in self.peft_config})
+        if unknown:
+            raise AdapterNotFoundError(unknown[0] if len(unknown) == 1 else unknown,
+                                       [*self.peft_config, BASE_ROW])
+        merged = sorted({a for layer in self.adapter_layers() for a in layer.merged_adapters})
+        if merged:
+            raise MergeError(f"cannot route rows to adapters while {merged} are merged into the base weights; "
+                             "call unmerge_adapter() first")
 
     # ------------------------------------------------------------------ merging
     def _check_mergeable(self, adapter_names: list[str] | None) -> None:

@@ -8,13 +8,15 @@ Merging, unmerging, activation, deletion and the structural state-dict view are 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import MergeError, PeftWarning
+from ..ops.batched import contiguous_runs
 
 
 class AdapterState:
@@ -59,6 +61,9 @@ class AdapterLayer(AdapterState, nn.Module):
         self._disable_adapters = False
         # adapters that take part in forward: active, present here and not merged. Refreshed on every change.
         self._forward_adapters: tuple[str, ...] = ()
+        # per-row adapter names while a mixed batch runs (set by TunerModel.mixed_batch), else None
+        self._row_adapters: tuple[str, ...] | None = None
+        self._row_cache: tuple[object, RowPlan] | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -233,6 +238,16 @@ class AdapterLayer(AdapterState, nn.Module):
             warnings.warn("All adapters are already merged, nothing to do.", PeftWarning, stacklevel=3)
         return [n for n in names if n not in self.merged_adapters]
 
+    def row_plan(self, batch_size: int) -> RowPlan:
+        """How the rows of a batch of ``batch_size`` map to this layer's adapters during a mixed batch (cached)."""
+        key = (id(self._row_adapters), batch_size)
+        if self._row_cache is not None and self._row_cache[0] == key:
+            return self._row_cache[1]
+        plan = RowPlan.build(expand_rows(self._row_adapters or (), batch_size), self.has_adapter,
+                             self.get_base_layer().weight.device)
+        self._row_cache = (key, plan)
+        return plan
+
     def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base output, unmerging first when adapters are disabled but merged."""
         if self._disable_adapters and self.merged_adapters:
@@ -241,6 +256,45 @@ class AdapterLayer(AdapterState, nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names()}, active={self._active_adapter}"
+
+
+def expand_rows(names: tuple[str, ...], batch_size: int) -> tuple[str, ...]:
+    """Per-row adapter names for a batch of ``batch_size`` rows.
+
+    Generation repeats each input row ``k`` times (beams, returned sequences) with ``repeat_interleave``, so a
+    batch ``k`` times larger than ``names`` repeats each name ``k`` times; the encoder of an encoder-decoder
+    still sees the original batch.
+    """
+    if batch_size == len(names):
+        return names
+    if not names or batch_size % len(names):
+        raise ValueError(
+            f"adapter_names has {len(names)} entries but a layer received a batch of {batch_size} rows; "
+            "pass one adapter name per row of the batch"
+        )
+    k = batch_size // len(names)
+    return tuple(name for name in names for _ in range(k))
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """Routing of one mixed batch through one layer.
+
+    ``present``: the adapters of the batch that this layer holds (slot ``u`` = ``present[u]``); ``index: (N,)``
+    the slot of each row (-1: base only); ``slots``: the same as a tuple; ``runs``: contiguous runs of equal slots.
+    """
+
+    present: tuple[str, ...]
+    index: torch.Tensor
+    slots: tuple[int, ...]
+    runs: list[tuple[int, int, int]]
+
+    @staticmethod
+    def build(rows: tuple[str, ...], holds: Callable[[str], bool], device: torch.device) -> RowPlan:
+        present = tuple(n for n in dict.fromkeys(rows) if holds(n))
+        slot = {name: u for u, name in enumerate(present)}
+        slots = tuple(slot.get(n, -1) for n in rows)
+        return RowPlan(present, torch.tensor(slots, dtype=torch.long, device=device), slots, contiguous_runs(slots))
 
 
 def _check_finite(weight: torch.Tensor, delta: torch.Tensor, name: str) -> None:

@@ -25,6 +25,7 @@ class ModulesToSaveWrapper(AdapterState, nn.Module):
         self.modules_to_save = nn.ModuleDict({})
         self._active_adapter: list[str] = [adapter_name]
         self._disable_adapters = False
+        self._row_adapters: tuple[str, ...] | None = None  # per-row adapter names during a mixed batch
         self.update(adapter_name)
 
     # ------------------------------------------------------------------ adapters
@@ -81,7 +82,31 @@ class ModulesToSaveWrapper(AdapterState, nn.Module):
         return self.original_module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._row_adapters is not None and not self._disable_adapters:
+            return self._mixed_forward(*args, **kwargs)
         return self._current()(*args, **kwargs)
+
+    def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Mixed batch: rows go through the copy of their own adapter (the original for ``"__base__"`` rows and
+        adapters without a copy here). ``x: (N, ...)``; the output must be a tensor with the batch in dim 0."""
+        from .base import expand_rows
+
+        rows = expand_rows(self._row_adapters or (), x.shape[0])
+        groups: dict[str, list[int]] = {}
+        for b, name in enumerate(rows):
+            groups.setdefault(name if name in self.modules_to_save else "", []).append(b)
+        modules = {name: self.modules_to_save[name] if name else self.original_module for name in groups}
+        if len(groups) == 1:
+            return modules[next(iter(groups))](x, *args, **kwargs)
+        out: torch.Tensor | None = None
+        for name, idx in groups.items():
+            index = torch.tensor(idx, device=x.device)
+            part = modules[name](x.index_select(0, index), *args, **kwargs)
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out.index_copy_(0, index, part)
+        assert out is not None
+        return out
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -17,6 +17,7 @@ from torch import nn
 
 from ...layers.base import AdapterLayer
 from ...layers.dispatch import inplace_safe
+from ...ops.batched import add_mixed_lowrank_, mixed_embedding_hidden, stack_adapters
 from ...ops.lowrank import add_lowrank_, add_scaled_, can_update_inplace, lowrank_update_reference
 from .init import init_conv_or_linear_, init_embedding_
 
@@ -132,6 +133,8 @@ class Linear(LoraLayer):
         """``x: (..., in) -> (..., out)``."""
         if self._disable_adapters:
             return self._base_forward(x, *args, **kwargs)
+        if self._row_adapters is not None:
+            return self._mixed_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for name in self._forward_adapters:
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
@@ -139,6 +142,26 @@ class Linear(LoraLayer):
             update = add_lowrank_ if self._inplace else lowrank_update_reference
             result = update(result, dropped, lora_A.weight, lora_B.weight, self.scaling[name], lora_B.bias)
         return result
+
+
+    def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Mixed batch: row ``b`` gets the update of its own adapter (``x: (N, *, in)``)."""
+        result = self.base_layer(x, *args, **kwargs)
+        plan = self.row_plan(x.shape[0])
+        if not plan.present:
+            return result
+        A_stack, B_stack = stack_adapters([self.lora_A[n].weight for n in plan.present],
+                                          [self.lora_B[n].weight for n in plan.present],
+                                          [self.scaling[n] for n in plan.present])
+        work = _writable(result, A_stack.dtype, self._inplace)
+        add_mixed_lowrank_(work, x, plan.index, plan.runs, A_stack, B_stack)
+        biases = [self.lora_B[n].bias for n in plan.present]
+        if any(b is not None for b in biases):
+            rows = torch.stack([_bias_or_zeros(b, work) * self.scaling[n] for b, n in zip(biases, plan.present)]
+                               + [work.new_zeros(work.shape[-1])])
+            slots = torch.where(plan.index < 0, len(plan.present), plan.index)
+            work.view(work.shape[0], -1, work.shape[-1]).add_(rows[slots].unsqueeze(1))
+        return work.to(result.dtype)
 
 
 class Embedding(LoraLayer):
@@ -175,6 +198,8 @@ class Embedding(LoraLayer):
         """``x: (...) int -> (..., dim)``; the update is multiplied by the base's ``embed_scale`` when it has one."""
         if self._disable_adapters:
             return self._base_forward(x, *args, **kwargs)
+        if self._row_adapters is not None:
+            return self._mixed_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         embed_scale = getattr(self.get_base_layer(), "embed_scale", None)
         for name in self._forward_adapters:
@@ -190,6 +215,27 @@ class Embedding(LoraLayer):
             else:
                 result = (result + (hidden @ B.t()) * scaling).to(result.dtype)
         return result
+
+
+    def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Mixed batch: one embedding lookup over the stacked rank-space tables, then one batched matmul."""
+        result = self.base_layer(x, *args, **kwargs)
+        plan = self.row_plan(x.shape[0])
+        if not plan.present:
+            return result
+        A_stack, B_stack = stack_adapters([self.lora_embedding_A[n] for n in plan.present],
+                                          [self.lora_embedding_B[n] for n in plan.present],
+                                          [self.scaling[n] for n in plan.present])
+        hidden = mixed_embedding_hidden(x, plan.index, A_stack.transpose(1, 2))  # (N, *, R)
+        embed_scale = getattr(self.get_base_layer(), "embed_scale", None)
+        if embed_scale is not None:
+            hidden = hidden * (embed_scale.to(hidden.dtype) if torch.is_tensor(embed_scale) else embed_scale)
+        work = _writable(result, A_stack.dtype, self._inplace)
+        n = x.shape[0]
+        slots = torch.where(plan.index < 0, A_stack.shape[0] - 1, plan.index)
+        work.view(n, -1, work.shape[-1]).baddbmm_(hidden.reshape(n, -1, hidden.shape[-1]),
+                                                  B_stack[slots].transpose(1, 2))
+        return work.to(result.dtype)
 
 
 class Conv(LoraLayer):
@@ -216,6 +262,8 @@ class Conv(LoraLayer):
         """``x: (N, in, *spatial) -> (N, out, *spatial')``."""
         if self._disable_adapters:
             return self._base_forward(x, *args, **kwargs)
+        if self._row_adapters is not None:
+            return self._mixed_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         for name in self._forward_adapters:
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
@@ -225,6 +273,31 @@ class Conv(LoraLayer):
             else:
                 result = (result + delta * self.scaling[name]).to(result.dtype)
         return result
+
+    def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Mixed batch through a conv layer: one gather per adapter present (convolutions cannot share one bmm)."""
+        result = self.base_layer(x, *args, **kwargs)
+        plan = self.row_plan(x.shape[0])
+        if not plan.present:
+            return result
+        work = _writable(result, self.lora_A[plan.present[0]].weight.dtype, self._inplace)
+        for u, name in enumerate(plan.present):
+            rows = (plan.index == u).nonzero().squeeze(1)
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            delta = lora_B(lora_A(x.index_select(0, rows).to(lora_A.weight.dtype))) * self.scaling[name]
+            work.index_add_(0, rows, delta.to(work.dtype))
+        return work.to(result.dtype)
+
+
+def _writable(result: torch.Tensor, dtype: torch.dtype, inplace_ok: bool) -> torch.Tensor:
+    """``result`` itself when a mixed-batch update may be added into it, else a copy in ``dtype``."""
+    if inplace_ok and result.dtype == dtype and result.is_contiguous() and not result.requires_grad:
+        return result
+    return result.to(dtype=dtype, copy=True).contiguous()
+
+
+def _bias_or_zeros(bias: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return like.new_zeros(like.shape[-1]) if bias is None else bias.to(like.dtype)
 
 
 def _features(base: nn.Module, shape: tuple[int, ...], fan_in_fan_out: bool) -> tuple[int, int]:
