@@ -27,6 +27,7 @@ from .errors import (
     ShapeMismatchError,
     UnsupportedModuleError,
 )
+from .hotswap import hotswap_adapter, hotswap_adapter_from_state_dict, prepare_model_for_compiled_hotswap
 from .layers import AdapterLayer, ModulesToSaveWrapper
 from .mapping import get_peft_config, get_peft_model, inject_adapter_in_model
 from .methods.lora import LoraConfig
@@ -43,6 +44,7 @@ from .peft_model import (
 from .registry import MethodSpec, all_methods, get_method, register_method
 from .serialization.files import load_peft_weights
 from .serialization.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 from .tuner import TunerModel, tuner_class
 from .types import PeftType, TaskType
 
@@ -86,16 +88,23 @@ __all__ = [
     "PeftWarning",
     "ShapeMismatchError",
     "TaskType",
+    "TunerLayerStatus",
     "TunerModel",
+    "TunerModelStatus",
     "UnsupportedModuleError",
     "__version__",
     "all_methods",
+    "get_layer_status",
     "get_method",
+    "get_model_status",
     "get_peft_config",
     "get_peft_model",
     "get_peft_model_state_dict",
+    "hotswap_adapter",
+    "hotswap_adapter_from_state_dict",
     "inject_adapter_in_model",
     "load_peft_weights",
+    "prepare_model_for_compiled_hotswap",
     "register_method",
     "set_peft_model_state_dict",
 ]

@@ -321,6 +321,19 @@ class PeftModel(nn.Module):
             self.eval()
         return result
 
+    # ------------------------------------------------------------------ status
+    def get_layer_status(self) -> list[Any]:
+        """One ``TunerLayerStatus`` per adapter layer and ``modules_to_save`` wrapper (see ``peftkit.status``)."""
+        from .status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self) -> Any:
+        """A ``TunerModelStatus`` summary of the adapters ("irregular" where layers disagree; see ``peftkit.status``)."""
+        from .status import get_model_status
+
+        return get_model_status(self)
+
 
 class PeftModelForCausalLM(PeftModel):
     """Causal language models: ``forward`` and ``generate`` pass through."""

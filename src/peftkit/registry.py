@@ -45,6 +45,8 @@ class MethodSpec:
         example_configs: keyword sets for ``config_cls`` used by the conformance suite; ``target_modules`` is
             filled in by the suite for each model.
         non_identity_kwargs: keyword arguments making a fresh adapter non-identity, so tests can observe it.
+        combine: ``(tuner, adapters, weights, adapter_name, **options) -> None``: adds an adapter combining existing
+            ones (``add_weighted_adapter``); None when the method cannot combine adapters.
     """
 
     peft_type: PeftType
@@ -59,6 +61,7 @@ class MethodSpec:
     mergeable: bool = True
     example_configs: Sequence[dict[str, Any]] = field(default_factory=tuple)
     non_identity_kwargs: dict[str, Any] = field(default_factory=dict)
+    combine: Callable[..., None] | None = None
 
 
 _REGISTRY: dict[PeftType, MethodSpec] = {}

@@ -19,7 +19,7 @@ from .injection.apply import AppliedPlan, apply_plan, rollback, set_submodule
 from .injection.plan import InjectionPlan, plan_injection
 from .layers.base import AdapterLayer
 from .layers.modules_to_save import ModulesToSaveWrapper
-from .registry import MethodSpec, get_method
+from .registry import MethodSpec, all_methods, get_method
 
 #: the name that routes a row of a mixed batch through the base model only
 BASE_ROW = "__base__"
@@ -237,6 +237,51 @@ class TunerModel(nn.Module):
         remaining = [a for a in self._active if a != adapter_name]
         self._active = remaining or sorted(self.peft_config)[:1]
         self._refresh_trainability()
+
+    def add_weighted_adapter(
+        self,
+        adapters: Sequence[str],
+        weights: Sequence[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Add ``adapter_name``, a combination of ``adapters`` weighted by ``weights`` (added inactive, like
+        :meth:`inject_adapter`). The combination types and their rank rules are the method's (LoRA:
+        ``peftkit.methods.lora.combine``).
+
+        Raises :class:`AdapterNotFoundError` for an unknown source, :class:`AdapterExistsError` when
+        ``adapter_name`` is taken (the reference returns silently), and :class:`ConfigError` for a weights/adapters
+        length mismatch, sources of different peft types, or a method that cannot combine adapters.
+        """
+        method = self._check_combination(adapters, weights, adapter_name)
+        assert method.combine is not None
+        method.combine(self, list(adapters), [float(w) for w in weights], adapter_name,
+                       combination_type=combination_type, svd_rank=svd_rank, svd_clamp=svd_clamp,
+                       svd_full_matrices=svd_full_matrices, svd_driver=svd_driver, density=density,
+                       majority_sign_method=majority_sign_method)
+
+    def _check_combination(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str) -> MethodSpec:
+        if isinstance(adapters, str) or not adapters:
+            raise ConfigError("adapters", adapters, "allowed: a non-empty list of adapter names")
+        self._require(adapters)
+        if adapter_name in self.peft_config:
+            raise AdapterExistsError(f"Adapter with name {adapter_name!r} already exists.")
+        if isinstance(weights, str) or len(weights) != len(adapters):
+            raise ConfigError("weights", weights, f"allowed: one weight per adapter ({len(adapters)} for {list(adapters)})")
+        types = {a: str(self.peft_config[a].peft_type) for a in adapters}
+        if len(set(types.values())) > 1:
+            raise ConfigError("adapters", list(adapters), f"Cannot combine adapters with different peft types: {types}")
+        method = get_method(next(iter(types.values())))
+        if method.combine is None:
+            able = [str(m.peft_type) for m in all_methods() if m.combine is not None]
+            raise ConfigError("peft_type", str(method.peft_type), f"add_weighted_adapter supports: {able}")
+        return method
 
     # ------------------------------------------------------------------ mixed batches
     @contextlib.contextmanager

@@ -51,7 +51,11 @@ class ModulesToSaveWrapper(AdapterState, nn.Module):
             module.requires_grad_(bool((trainable or {}).get(name, True)) and name in names)
 
     def enable_adapters(self, enabled: bool) -> None:
+        """Enable (True) or disable (False) the copies; disabling freezes them, like adapter layers (and the
+        reference)."""
         self._disable_adapters = not enabled
+        if not enabled:
+            self.modules_to_save.requires_grad_(False)
 
     def adapter_parameters(self, adapter_name: str) -> list[nn.Parameter]:
         return list(self.modules_to_save[adapter_name].parameters()) if adapter_name in self.modules_to_save else []

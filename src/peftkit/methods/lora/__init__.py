@@ -14,6 +14,7 @@ from ...layers.dispatch import CONV, EMBEDDING, HF_CONV1D, LINEAR, module_kind
 from ...registry import MethodSpec, register_method
 from ...target_tables import default_lora_targets
 from ...types import PeftType
+from .combine import add_weighted_adapter
 from .config import LoraConfig
 from .init import SUPPORTED_INITS
 from .layers import Conv, Embedding, Linear, LoraLayer
@@ -115,6 +116,7 @@ LORA = register_method(
             {"r": 4, "lora_alpha": 8, "bias": "all", "lora_bias": False},
         ),
         non_identity_kwargs={"init_lora_weights": False},
+        combine=add_weighted_adapter,
     )
 )
 

@@ -1,0 +1,359 @@
+"""Hot-swapping a loaded LoRA adapter in place (``peftkit.hotswap``).
+
+Properties:
+- after ``hotswap_adapter(model, dir_b, "default")`` the model computes what ``PeftModel.from_pretrained(base,
+  dir_b)`` computes (1e-6), with the same module and parameter objects (ids) as before; different alpha, rsLoRA,
+  rank/alpha patterns and smaller ranks (zero-padded) are all exact;
+- ``prepare_model_for_compiled_hotswap`` leaves outputs unchanged, pads to ``target_rank`` and turns scalings into
+  tensors; a ``torch.compile``'d model then swaps back and forth without recompiling (a counting backend sees one
+  compilation) and matches the un-compiled model with each adapter (1e-5); without the preparation a swap to
+  another alpha does recompile (so the counter can catch it);
+- every incompatibility raises a typed error before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import pytest
+import torch
+from models import CASES_BY_NAME, MLP, TaskCase, model_output
+from safetensors.torch import load_file
+
+from peftkit import (
+    AdapterLoadError,
+    AdapterNotFoundError,
+    ConfigError,
+    LoraConfig,
+    MergeError,
+    PeftModel,
+    PeftWarning,
+    ShapeMismatchError,
+    get_peft_model,
+    hotswap_adapter,
+    hotswap_adapter_from_state_dict,
+    inject_adapter_in_model,
+    prepare_model_for_compiled_hotswap,
+)
+from peftkit.methods.lora.layers import LoraLayer, lora_scaling
+
+ATOL = 1e-6
+ATOL_COMPILED = 1e-5
+
+#: (case name, targets) of the models swapped on: linear, embedding, conv and a transformers model
+SWAP_CASES = ["custom-mlp", "custom-emb", "custom-conv2d", "llama-causal"]
+
+
+def _targets(case: TaskCase) -> list[str]:
+    return ["lin0", "lin1"] if case.name == "custom-mlp" else list(case.target_modules)
+
+
+def _save(tmp_path, case: TaskCase, name: str, seed: int, **lora) -> str:
+    """Save an adapter with random (non-identity) weights built from ``lora`` kwargs; return its directory."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = LoraConfig(target_modules=lora.pop("target_modules", _targets(case)), init_lora_weights=False,
+                            **lora)
+        model = get_peft_model(case.build(), config)
+    path = str(tmp_path / name)
+    model.save_pretrained(path)
+    return path
+
+
+def _output(model, case: TaskCase, batch: int = 2) -> torch.Tensor:
+    with torch.no_grad():
+        return model_output(model(**case.make_inputs(batch)), case.output_key)
+
+
+def _loaded_output(case: TaskCase, path: str) -> torch.Tensor:
+    """Output of a fresh base model with the adapter in ``path`` loaded normally."""
+    return _output(PeftModel.from_pretrained(case.build(), path).eval(), case)
+
+
+def _ids(model) -> tuple[list[int], list[int]]:
+    return [id(m) for m in model.modules()], [id(p) for p in model.parameters()]
+
+
+def _lora_layers(model) -> list[LoraLayer]:
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+# ---------------------------------------------------------------------------------------------- swapping
+def _second_adapter(kind: str, case: TaskCase) -> dict:
+    """LoRA kwargs of the adapter swapped in: another alpha, a smaller rank, or rsLoRA with rank/alpha patterns."""
+    targets = _targets(case)
+    return {
+        "alpha": {"r": 8, "lora_alpha": 32},
+        "smaller-rank": {"r": 2, "lora_alpha": 6},
+        "rslora-patterns": {"r": 8, "lora_alpha": 8, "use_rslora": True, "rank_pattern": {targets[0]: 4},
+                            "alpha_pattern": {targets[-1]: 3}},
+    }[kind]
+
+
+SECOND_ADAPTERS = ["alpha", "smaller-rank", "rslora-patterns"]
+
+
+@pytest.mark.parametrize("second", SECOND_ADAPTERS)
+@pytest.mark.parametrize("case_name", SWAP_CASES)
+def test_swap_equals_normal_loading_and_keeps_objects(tmp_path, case_name, second):
+    case = CASES_BY_NAME[case_name]
+    path_a = _save(tmp_path, case, "a", seed=1, r=8, lora_alpha=16)
+    path_b = _save(tmp_path, case, "b", seed=2, **_second_adapter(second, case))
+    expected_a, expected_b = _loaded_output(case, path_a), _loaded_output(case, path_b)
+    assert (expected_a - expected_b).abs().max() > 1e-3  # the two adapters compute different things
+
+    model = PeftModel.from_pretrained(case.build(), path_a).eval()
+    modules_before, params_before = _ids(model)
+    torch.testing.assert_close(_output(model, case), expected_a, atol=ATOL, rtol=0)
+
+    hotswap_adapter(model, path_b, adapter_name="default")
+    torch.testing.assert_close(_output(model, case), expected_b, atol=ATOL, rtol=0)
+    assert _ids(model) == (modules_before, params_before)
+
+    hotswap_adapter(model, path_a, adapter_name="default")  # and back (the zero padding is undone too)
+    torch.testing.assert_close(_output(model, case), expected_a, atol=ATOL, rtol=0)
+    assert _ids(model) == (modules_before, params_before)
+
+
+def test_swap_sets_scaling_alpha_and_stored_config(tmp_path):
+    case = CASES_BY_NAME["custom-mlp"]
+    path_a = _save(tmp_path, case, "a", seed=1, r=8, lora_alpha=16)
+    path_b = _save(tmp_path, case, "b", seed=2, **_second_adapter("rslora-patterns", case))
+    model = PeftModel.from_pretrained(case.build(), path_a)
+    hotswap_adapter(model, path_b, "default")
+    lin0, lin1 = model.base_model.model.lin0, model.base_model.model.lin1
+    assert lin0.scaling["default"] == pytest.approx(8 / 4**0.5)  # rank_pattern lin0 -> 4, alpha 8, rsLoRA
+    assert lin1.scaling["default"] == pytest.approx(3 / 8**0.5)  # alpha_pattern lin1 -> 3, rank 8
+    for layer in (lin0, lin1):  # the layer's own (r, alpha, rslora) still give its scaling: set_scale stays right
+        assert lora_scaling(layer.r["default"], layer.lora_alpha["default"], layer.use_rslora["default"]) == (
+            pytest.approx(layer.scaling["default"]))
+    assert lin0.r["default"] == 8 and lin0.lora_A["default"].weight.shape == (8, 10)  # kept, zero-padded
+    assert torch.count_nonzero(lin0.lora_A["default"].weight[4:]) == 0
+    assert torch.count_nonzero(lin0.lora_B["default"].weight[:, 4:]) == 0
+    stored = model.peft_config["default"]
+    assert (stored.use_rslora, stored.lora_alpha, stored.alpha_pattern, stored.rank_pattern) == (
+        True, 8, {"lin1": 3}, {"lin0": 4})
+
+
+def test_same_rank_swap_saves_the_new_adapter(tmp_path):
+    """After a same-rank swap, save_pretrained writes the new adapter (weights and scaling-relevant config)."""
+    case = CASES_BY_NAME["custom-mlp"]
+    path_a = _save(tmp_path, case, "a", seed=1, r=4, lora_alpha=8)
+    path_b = _save(tmp_path, case, "b", seed=2, r=4, lora_alpha=2, use_rslora=True)
+    model = PeftModel.from_pretrained(case.build(), path_a)
+    hotswap_adapter(model, path_b, "default")
+    model.save_pretrained(tmp_path / "resaved")
+    saved, original = load_file(tmp_path / "resaved" / "adapter_model.safetensors"), load_file(
+        os.path.join(path_b, "adapter_model.safetensors"))
+    assert saved.keys() == original.keys()
+    for key in saved:
+        torch.testing.assert_close(saved[key], original[key], atol=0, rtol=0)
+    torch.testing.assert_close(_loaded_output(case, str(tmp_path / "resaved")), _loaded_output(case, path_b),
+                               atol=ATOL, rtol=0)
+
+
+def test_swap_from_state_dict_with_in_memory_keys_and_injected_model(tmp_path):
+    """The low-level function takes reference-style keys (adapter name inside) and works on injected models."""
+    case = CASES_BY_NAME["custom-mlp"]
+    path_b = _save(tmp_path, case, "b", seed=2, r=4, lora_alpha=12)
+    expected = _loaded_output(case, path_b)
+    torch.manual_seed(0)
+    model = inject_adapter_in_model(LoraConfig(target_modules=["lin0", "lin1"], r=4, lora_alpha=8), case.build(),
+                                    adapter_name="other").eval()
+    weights = load_file(os.path.join(path_b, "adapter_model.safetensors"))
+    in_memory = {k.replace("base_model.model.", "").replace(".weight", ".other.weight"): v for k, v in weights.items()}
+    assert "lin0.lora_A.other.weight" in in_memory
+    hotswap_adapter_from_state_dict(model, in_memory, "other", LoraConfig.from_pretrained(path_b))
+    torch.testing.assert_close(_output(model, case), expected, atol=ATOL, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- compiled models
+def _counting_backend(counter: list[int]):
+    """A torch.compile backend that counts compilations (each call compiles one graph) and runs aot_eager."""
+
+    def backend(gm, example_inputs):
+        counter[0] += 1
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    return backend
+
+
+def test_prepare_keeps_outputs_pads_and_makes_tensor_scalings(tmp_path):
+    case = CASES_BY_NAME["llama-causal"]
+    path = _save(tmp_path, case, "a", seed=1, r=4, lora_alpha=8, rank_pattern={"v_proj": 2})
+    model = PeftModel.from_pretrained(case.build(), path).eval()
+    before = _output(model, case)
+    user_config = LoraConfig(r=4, rank_pattern={"v_proj": 2})
+    with pytest.warns(PeftWarning, match="does not modify the config you pass"):
+        prepare_model_for_compiled_hotswap(model, target_rank=6, config=user_config)
+    assert (user_config.r, user_config.rank_pattern) == (4, {"v_proj": 2})  # never mutated
+    config = model.peft_config["default"]  # the model's own copy records the padded rank
+    torch.testing.assert_close(_output(model, case), before, atol=ATOL, rtol=0)
+    for layer in _lora_layers(model):
+        scaling = layer.scaling["default"]
+        assert isinstance(scaling, torch.Tensor) and scaling.dim() == 0 and scaling.dtype == torch.float32
+        assert layer.r["default"] == 6 and layer.lora_A["default"].weight.shape[0] == 6
+        assert layer.lora_B["default"].weight.shape[1] == 6 and layer.lora_A["default"].out_features == 6
+        assert float(scaling) == pytest.approx(lora_scaling(layer.r["default"], layer.lora_alpha["default"], False))
+    assert float(model.base_model.model.model.layers[0].self_attn.v_proj.scaling["default"]) == 4.0  # 8 / 2
+    assert (config.r, config.rank_pattern) == (6, {"v_proj": 6})
+
+
+@pytest.mark.parametrize("case_name", ["custom-mlp", "llama-causal"])
+def test_compiled_model_swaps_without_recompiling(tmp_path, case_name):
+    case = CASES_BY_NAME[case_name]
+    path_a = _save(tmp_path, case, "a", seed=1, r=4, lora_alpha=8)
+    path_b = _save(tmp_path, case, "b", seed=2, r=8, lora_alpha=32, use_rslora=True)
+    expected_a, expected_b = _loaded_output(case, path_a), _loaded_output(case, path_b)
+
+    model = PeftModel.from_pretrained(case.build(), path_a).eval()
+    prepare_model_for_compiled_hotswap(model, target_rank=8)
+    torch._dynamo.reset()
+    compilations = [0]
+    compiled = torch.compile(model, backend=_counting_backend(compilations))
+    torch.testing.assert_close(_output(compiled, case), expected_a, atol=ATOL_COMPILED, rtol=0)
+    after_first = compilations[0]
+    assert after_first >= 1
+
+    hotswap_adapter(compiled, path_b, "default")
+    torch.testing.assert_close(_output(compiled, case), expected_b, atol=ATOL_COMPILED, rtol=0)
+    hotswap_adapter(compiled, path_a, "default")
+    torch.testing.assert_close(_output(compiled, case), expected_a, atol=ATOL_COMPILED, rtol=0)
+    assert compilations[0] == after_first
+    torch._dynamo.reset()
+
+
+def test_without_preparation_a_swap_recompiles(tmp_path):
+    """The counter can fail: float scalings are graph constants, so a new alpha forces a recompilation."""
+    case = CASES_BY_NAME["custom-mlp"]
+    path_a = _save(tmp_path, case, "a", seed=1, r=4, lora_alpha=8)
+    path_b = _save(tmp_path, case, "b", seed=2, r=4, lora_alpha=32)
+    model = PeftModel.from_pretrained(case.build(), path_a).eval()
+    torch._dynamo.reset()
+    compilations = [0]
+    compiled = torch.compile(model, backend=_counting_backend(compilations))
+    _output(compiled, case)
+    after_first = compilations[0]
+    hotswap_adapter(compiled, path_b, "default")
+    torch.testing.assert_close(_output(compiled, case), _loaded_output(case, path_b), atol=ATOL_COMPILED, rtol=0)
+    assert compilations[0] > after_first
+    torch._dynamo.reset()
+
+
+def test_check_compiled_modes(tmp_path):
+    case = CASES_BY_NAME["custom-mlp"]
+    path = _save(tmp_path, case, "a", seed=1, r=4, lora_alpha=8)
+    model = PeftModel.from_pretrained(case.build(), path)
+    compiled = torch.compile(model, backend="eager")  # compiling is lazy: nothing runs here
+    with pytest.raises(ConfigError, match="before torch.compile"):
+        prepare_model_for_compiled_hotswap(compiled)
+    assert isinstance(model.base_model.model.lin0.scaling["default"], float)  # unchanged by the refusal
+    with pytest.warns(PeftWarning, match="already compiled"):
+        prepare_model_for_compiled_hotswap(compiled, check_compiled="warn")
+    assert isinstance(model.base_model.model.lin0.scaling["default"], torch.Tensor)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_model_for_compiled_hotswap(compiled, check_compiled="ignore")
+    with pytest.raises(ConfigError, match="check_compiled"):
+        prepare_model_for_compiled_hotswap(model, check_compiled="maybe")
+    with pytest.raises(ConfigError, match="target_rank"):
+        prepare_model_for_compiled_hotswap(model, target_rank=2)  # smaller than the loaded rank 4
+    with pytest.raises(ConfigError, match="no LoRA layers"):
+        prepare_model_for_compiled_hotswap(MLP())
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def _assert_unchanged(model, case, expected):
+    torch.testing.assert_close(_output(model, case), expected, atol=0, rtol=0)
+
+
+def test_different_targets_raise_naming_the_modules(tmp_path):
+    case = CASES_BY_NAME["custom-mlp"]
+    both = _save(tmp_path, case, "both", seed=1, r=4, lora_alpha=8)
+    only_lin0 = _save(tmp_path, case, "lin0", seed=2, r=4, lora_alpha=8, target_modules=["lin0"])
+    model = PeftModel.from_pretrained(case.build(), both).eval()
+    before = _output(model, case)
+    with pytest.raises(AdapterLoadError, match=r"lacks: \['lin1'\]"):
+        hotswap_adapter(model, only_lin0, "default")
+    _assert_unchanged(model, case, before)
+    small = PeftModel.from_pretrained(case.build(), only_lin0).eval()
+    with pytest.raises(AdapterLoadError, match=r"only in the new adapter: \['lin1'\]"):
+        hotswap_adapter(small, both, "default")
+
+
+def test_larger_rank_raises_and_points_to_prepare(tmp_path):
+    case = CASES_BY_NAME["custom-mlp"]
+    path_small = _save(tmp_path, case, "small", seed=1, r=2, lora_alpha=8)
+    path_big = _save(tmp_path, case, "big", seed=2, r=8, lora_alpha=8)
+    model = PeftModel.from_pretrained(case.build(), path_small).eval()
+    before = _output(model, case)
+    with pytest.raises(ShapeMismatchError, match=r"prepare_model_for_compiled_hotswap\(model, target_rank=8\)"):
+        hotswap_adapter(model, path_big, "default")
+    _assert_unchanged(model, case, before)
+    prepare_model_for_compiled_hotswap(model, target_rank=4)
+    with pytest.raises(ShapeMismatchError, match="rank 8"):
+        hotswap_adapter(model, path_big, "default")
+    prepare_model_for_compiled_hotswap(model, target_rank=8)  # pad further, then it fits
+    hotswap_adapter(model, path_big, "default")
+    torch.testing.assert_close(_output(model, case), _loaded_output(case, path_big), atol=ATOL, rtol=0)
+
+
+def test_unknown_adapter_merged_adapter_and_other_errors(tmp_path):
+    case = CASES_BY_NAME["custom-mlp"]
+    path_a = _save(tmp_path, case, "a", seed=1, r=4, lora_alpha=8)
+    path_b = _save(tmp_path, case, "b", seed=2, r=4, lora_alpha=8)
+    model = PeftModel.from_pretrained(case.build(), path_a).eval()
+    with pytest.raises(AdapterNotFoundError, match="'nope'"):
+        hotswap_adapter(model, path_b, "nope")
+    with pytest.raises(TypeError, match="unexpected keyword arguments"):
+        hotswap_adapter(model, path_b, "default", low_cpu_mem_usage=True)
+
+    other_type = LoraConfig.from_pretrained(path_b)
+    other_type.peft_type = "IA3"
+    with pytest.raises(ConfigError, match="peft_type"):
+        hotswap_adapter_from_state_dict(model, load_file(os.path.join(path_b, "adapter_model.safetensors")),
+                                        "default", other_type)
+
+    config_path = os.path.join(path_b, "adapter_config.json")  # config says r=2, tensors have rank 4
+    with open(config_path, encoding="utf-8") as fh:
+        data = json.load(fh)
+    data["r"] = 2
+    with open(config_path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh)
+    with pytest.raises(AdapterLoadError, match="r=2"):
+        hotswap_adapter(model, path_b, "default")
+
+    model.merge_adapter()
+    merged_output = _output(model, case)
+    with pytest.raises(MergeError, match="unmerge_adapter"):
+        hotswap_adapter(model, path_a, "default")
+    _assert_unchanged(model, case, merged_output)
+
+
+def test_shape_mismatch_outside_rank_raises(tmp_path):
+    """A tensor whose non-rank dimension differs (another model) is refused before anything is written."""
+    case = CASES_BY_NAME["custom-mlp"]
+    path = _save(tmp_path, case, "a", seed=1, r=4, lora_alpha=8)
+    model = PeftModel.from_pretrained(case.build(), path).eval()
+    before = _output(model, case)
+    weights = load_file(os.path.join(path, "adapter_model.safetensors"))
+    weights["base_model.model.lin0.lora_A.weight"] = torch.zeros(4, 11)
+    with pytest.raises(ShapeMismatchError, match="lin0.lora_A.weight"):
+        hotswap_adapter_from_state_dict(model, weights, "default", LoraConfig.from_pretrained(path))
+    _assert_unchanged(model, case, before)
+
+
+# ---------------------------------------------------------------------------------------------- interop
+def test_swap_in_an_adapter_saved_by_the_reference(tmp_path):
+    peft = pytest.importorskip("peft")
+    case = CASES_BY_NAME["custom-mlp"]
+    torch.manual_seed(3)
+    ref = peft.get_peft_model(case.build(), peft.LoraConfig(target_modules=["lin0", "lin1"], r=4, lora_alpha=24,
+                                                            init_lora_weights=False)).eval()
+    ref.save_pretrained(tmp_path / "ref")
+    expected = _output(ref, case)
+    model = PeftModel.from_pretrained(case.build(), _save(tmp_path, case, "a", seed=1, r=4, lora_alpha=8)).eval()
+    hotswap_adapter(model, str(tmp_path / "ref"), "default")
+    torch.testing.assert_close(_output(model, case), expected, atol=ATOL, rtol=0)
