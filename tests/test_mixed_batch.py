@@ -154,3 +154,47 @@ def test_mixed_batch_errors_and_state_is_restored():
         plain = model(**inputs).logits
         routed = model(**inputs, adapter_names=["default", "default"]).logits
     torch.testing.assert_close(routed, plain, atol=1e-6, rtol=0)
+
+
+def test_each_row_its_own_adapter_and_stack_cache_invalidation():
+    """Rows ["default", "b", "c"] map to slots 0, 1, 2 (no gather); the stacked weights are cached across calls but
+    rebuilt when a weight or a scaling changes."""
+    case = CASES_BY_NAME["llama-causal"]
+    model = _three_adapters(case)
+    names = ["default", "b", "c"]
+    inputs = case.make_inputs(len(names))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+
+    def check():
+        with torch.no_grad():
+            mixed = model(**inputs, adapter_names=names).logits
+            for i, name in enumerate(names):
+                single = _single(model, name, lambda: model(**inputs).logits)
+                torch.testing.assert_close(mixed[i], single[i], atol=1e-5, rtol=1e-5)
+
+    check()
+    assert layer._row_cache[1].rows_are_slots
+    cached = layer._stack_cache
+    check()
+    assert layer._stack_cache is cached  # reused
+    with torch.no_grad():
+        layer.lora_B["b"].weight.mul_(3.0)
+    check()
+    assert layer._stack_cache is not cached  # a weight changed: rebuilt
+    cached = layer._stack_cache
+    layer.scaling["c"] = layer.scaling["c"] * 2
+    check()
+    assert layer._stack_cache is not cached  # a scaling changed: rebuilt
+
+
+def test_consecutive_calls_with_different_routing():
+    """Each call routes by its own names (a routing cache keyed by object identity once reused stale plans)."""
+    case = CASES_BY_NAME["custom-mlp"]
+    model = _three_adapters(case)
+    inputs = case.make_inputs(2)
+    with torch.no_grad():
+        singles = {n: _single(model, n, lambda: model(**inputs)) for n in ("default", "b")}
+        for names in (["default", "b"], ["b", "default"], ["default", "b"], ["b", "b"]):
+            out = model(**inputs, adapter_names=list(names))
+            for i, name in enumerate(names):
+                torch.testing.assert_close(out[i], singles[name][i], atol=1e-6, rtol=0)

@@ -64,6 +64,7 @@ class AdapterLayer(AdapterState, nn.Module):
         # per-row adapter names while a mixed batch runs (set by TunerModel.mixed_batch), else None
         self._row_adapters: tuple[str, ...] | None = None
         self._row_cache: tuple[object, RowPlan] | None = None
+        self._stack_cache: tuple[object, Any] | None = None
 
     # ------------------------------------------------------------------ state
     @property
@@ -240,13 +241,20 @@ class AdapterLayer(AdapterState, nn.Module):
 
     def row_plan(self, batch_size: int) -> RowPlan:
         """How the rows of a batch of ``batch_size`` map to this layer's adapters during a mixed batch (cached)."""
-        key = (id(self._row_adapters), batch_size)
+        key = (self._row_adapters, batch_size)  # by value: ids of freed tuples get reused
         if self._row_cache is not None and self._row_cache[0] == key:
             return self._row_cache[1]
         plan = RowPlan.build(expand_rows(self._row_adapters or (), batch_size), self.has_adapter,
                              self.get_base_layer().weight.device)
         self._row_cache = (key, plan)
         return plan
+
+    def cached_stacks(self, key: object, build: Callable[[], Any]) -> Any:
+        """``build()``, reused while ``key`` is unchanged (stacked adapter weights of mixed batches: the key holds
+        the adapters' names, tensor versions and scalings, so any change to them rebuilds)."""
+        if self._stack_cache is None or self._stack_cache[0] != key:
+            self._stack_cache = (key, build())
+        return self._stack_cache[1]
 
     def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base output, unmerging first when adapters are disabled but merged."""
@@ -281,7 +289,8 @@ class RowPlan:
     """Routing of one mixed batch through one layer.
 
     ``present``: the adapters of the batch that this layer holds (slot ``u`` = ``present[u]``); ``index: (N,)``
-    the slot of each row (-1: base only); ``slots``: the same as a tuple; ``runs``: contiguous runs of equal slots.
+    the slot of each row (-1: base only); ``slots``: the same as a tuple; ``runs``: contiguous runs of equal slots;
+    ``rows_are_slots``: ``slots == (0, 1, ..., N-1)``.
     """
 
     present: tuple[str, ...]
@@ -289,12 +298,15 @@ class RowPlan:
     slots: tuple[int, ...]
     runs: list[tuple[int, int, int]]
 
+    rows_are_slots: bool  # row b uses slot b for every row (each row its own adapter, in stack order)
+
     @staticmethod
     def build(rows: tuple[str, ...], holds: Callable[[str], bool], device: torch.device) -> RowPlan:
         present = tuple(n for n in dict.fromkeys(rows) if holds(n))
         slot = {name: u for u, name in enumerate(present)}
         slots = tuple(slot.get(n, -1) for n in rows)
-        return RowPlan(present, torch.tensor(slots, dtype=torch.long, device=device), slots, contiguous_runs(slots))
+        index = torch.tensor(slots, dtype=torch.long, device=device)
+        return RowPlan(present, index, slots, contiguous_runs(slots), slots == tuple(range(len(slots))))
 
 
 def _check_finite(weight: torch.Tensor, delta: torch.Tensor, name: str) -> None:

@@ -111,6 +111,17 @@ class LoraLayer(AdapterLayer):
             A, B = A.float(), B.float()
         return (B.reshape(B.shape[0], -1) @ A.reshape(A.shape[0], -1)) * self.scaling[adapter_name]
 
+    def _stacks(self, names: tuple[str, ...], As: list[torch.Tensor], Bs: list[torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked (zero-padded, B pre-scaled) weights of ``names`` for a mixed batch, cached across calls (e.g.
+        the decoding steps of ``generate``) until a weight or a scaling changes."""
+        scalings = [self.scaling[n] for n in names]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (*As, *Bs)):
+            return stack_adapters(As, Bs, scalings)  # differentiable: never reuse a graph across calls
+        key = (names, tuple((id(t), t._version) for t in (*As, *Bs)),
+               tuple(s if not isinstance(s, torch.Tensor) else (id(s), s._version) for s in scalings))
+        return self.cached_stacks(key, lambda: stack_adapters(As, Bs, scalings))
+
     def get_delta_bias(self, adapter_name: str) -> torch.Tensor | None:
         bias = self.lora_B[adapter_name].bias if adapter_name in self.lora_B else None
         return None if bias is None else bias * self.scaling[adapter_name]
@@ -150,11 +161,11 @@ class Linear(LoraLayer):
         plan = self.row_plan(x.shape[0])
         if not plan.present:
             return result
-        A_stack, B_stack = stack_adapters([self.lora_A[n].weight for n in plan.present],
-                                          [self.lora_B[n].weight for n in plan.present],
-                                          [self.scaling[n] for n in plan.present])
+        As = [self.lora_A[n].weight for n in plan.present]
+        Bs = [self.lora_B[n].weight for n in plan.present]
+        A_stack, B_stack = self._stacks(plan.present, As, Bs)
         work = _writable(result, A_stack.dtype, self._inplace)
-        add_mixed_lowrank_(work, x, plan.index, plan.runs, A_stack, B_stack)
+        add_mixed_lowrank_(work, x, plan.index, plan.runs, A_stack, B_stack, plan.rows_are_slots)
         biases = [self.lora_B[n].bias for n in plan.present]
         if any(b is not None for b in biases):
             rows = torch.stack([_bias_or_zeros(b, work) * self.scaling[n] for b, n in zip(biases, plan.present)]
@@ -223,9 +234,9 @@ class Embedding(LoraLayer):
         plan = self.row_plan(x.shape[0])
         if not plan.present:
             return result
-        A_stack, B_stack = stack_adapters([self.lora_embedding_A[n] for n in plan.present],
-                                          [self.lora_embedding_B[n] for n in plan.present],
-                                          [self.scaling[n] for n in plan.present])
+        As = [self.lora_embedding_A[n] for n in plan.present]
+        Bs = [self.lora_embedding_B[n] for n in plan.present]
+        A_stack, B_stack = self._stacks(plan.present, As, Bs)
         hidden = mixed_embedding_hidden(x, plan.index, A_stack.transpose(1, 2))  # (N, *, R)
         embed_scale = getattr(self.get_base_layer(), "embed_scale", None)
         if embed_scale is not None:
@@ -233,8 +244,7 @@ class Embedding(LoraLayer):
         work = _writable(result, A_stack.dtype, self._inplace)
         n = x.shape[0]
         slots = torch.where(plan.index < 0, A_stack.shape[0] - 1, plan.index)
-        work.view(n, -1, work.shape[-1]).baddbmm_(hidden.reshape(n, -1, hidden.shape[-1]),
-                                                  B_stack[slots].transpose(1, 2))
+        work.view(n, -1, work.shape[-1]).baddbmm_(hidden.reshape(n, -1, hidden.shape[-1]), B_stack[slots])
         return work.to(result.dtype)
 
 
