@@ -44,3 +44,20 @@ def test_mixed_batch_bench_quick(tmp_path):
         assert entry["max_abs_diff_single_logits"] < 1e-4, entry["max_abs_diff_single_logits"]
         assert max(entry["mixed_a0_rows_vs_single"].values()) < 1e-5
     assert "N = 4 adapters" in proc.stdout and "peftkit_mixed_over_reference_mixed" in proc.stdout
+
+
+def test_mixed_batch_inprocess_bench_quick(tmp_path):
+    """bench/mixed_batch_inprocess.py --quick: both libraries in one process; ratios present, logits agree."""
+    pytest.importorskip("peft")
+    out = tmp_path / "inproc.json"
+    script = ROOT / "bench" / "mixed_batch_inprocess.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--json", str(out)],
+                          check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["count"] for r in results] == [1, 4]
+    for entry in results:
+        assert entry["max_abs_diff"] < 1e-4
+        for clock in ("cpu", "wall"):
+            assert entry[clock]["peftkit_mixed_over_reference_mixed"] > 0
+            assert set(entry[clock]["tokens_per_s"]) == {"peftkit_single", "peftkit_mixed", "peft_single", "peft_mixed"}
