@@ -31,6 +31,10 @@ from .hotswap import hotswap_adapter, hotswap_adapter_from_state_dict, prepare_m
 from .layers import AdapterLayer, ModulesToSaveWrapper
 from .mapping import get_peft_config, get_peft_model, inject_adapter_in_model
 from .methods.lora import LoraConfig
+from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
+from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
+from .methods.prompt import PromptLearningConfig
+from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 from .peft_model import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
     PeftModel,
@@ -86,6 +90,15 @@ __all__ = [
     "PeftModelForTokenClassification",
     "PeftType",
     "PeftWarning",
+    "PrefixEncoder",
+    "PrefixTuningConfig",
+    "PromptEmbedding",
+    "PromptEncoder",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "ShapeMismatchError",
     "TaskType",
     "TunerLayerStatus",

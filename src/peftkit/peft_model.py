@@ -92,11 +92,13 @@ class PeftModel(nn.Module):
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        """``generate`` of the base model; ``adapter_names`` routes each input row (and its beams/samples)."""
+        """``generate`` of the base model; ``adapter_names`` routes each input row (and its beams/samples).
+
+        The tuner's ``generate`` is the model's (a ``PromptTuner`` injects the virtual tokens into it)."""
         if adapter_names is None:
-            return self.get_base_model().generate(*args, **kwargs)
+            return self.base_model.generate(*args, **kwargs)
         with self.base_model.mixed_batch(adapter_names, _batch_size(args, kwargs)):
-            return self.get_base_model().generate(*args, **kwargs)
+            return self.base_model.generate(*args, **kwargs)
 
     def get_base_model(self) -> nn.Module:
         """The user's model (with adapter layers inside)."""
@@ -264,6 +266,7 @@ class PeftModel(nn.Module):
             config = PeftConfig.from_pretrained(model_id, **hub)
         elif not isinstance(config, PeftConfig):
             raise ConfigError("config", type(config).__name__, "allowed: a PeftConfig instance or None")
+        _check_trainable_load(config, is_trainable)
         weights = load_peft_weights(model_id, device=torch_device, **hub)
         config = config.copy(inference_mode=not is_trainable)
         target_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(config.task_type), cls)
@@ -307,6 +310,7 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise AdapterExistsError(f"Adapter with name {adapter_name!r} already exists.")
         config = PeftConfig.from_pretrained(model_id, **hub).copy(inference_mode=not is_trainable)
+        _check_trainable_load(config, is_trainable)
         weights = load_peft_weights(model_id, device=torch_device, **hub)
         applied = self.base_model.inject_adapter(config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
@@ -339,7 +343,7 @@ class PeftModelForCausalLM(PeftModel):
     """Causal language models: ``forward`` and ``generate`` pass through."""
 
     def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
+        return self.base_model.prepare_inputs_for_generation(*args, **kwargs)
 
 
 class PeftModelForSeq2SeqLM(PeftModel):
@@ -395,6 +399,14 @@ def _config_for_model(model: nn.Module, config: PeftConfig, warn: bool = True) -
     if config.task_type is None and config.auto_mapping is None and _auto_mapping(model):
         changes["auto_mapping"] = _auto_mapping(model)
     return config.copy(**changes)
+
+
+def _check_trainable_load(config: PeftConfig, is_trainable: bool) -> None:
+    """A saved prompt-learning adapter holds the encoder's output, not the encoder: it loads for inference only."""
+    if is_trainable and config.is_prompt_learning:
+        raise ConfigError("is_trainable", True, "Cannot set a prompt learning adapter to trainable when loading "
+                          "pretrained adapter (its file holds the prompt encoder's output, not the encoder); "
+                          "allowed: False")
 
 
 def _auto_mapping(model: nn.Module) -> dict[str, str] | None:

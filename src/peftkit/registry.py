@@ -21,7 +21,12 @@ if TYPE_CHECKING:
     from .config import PeftConfig
 
 # Built-in methods, imported on first registry access so that `import peftkit` stays cheap.
-_BUILTIN_METHOD_MODULES: tuple[str, ...] = ("peftkit.methods.lora",)
+_BUILTIN_METHOD_MODULES: tuple[str, ...] = (
+    "peftkit.methods.lora",
+    "peftkit.methods.prompt_tuning",
+    "peftkit.methods.p_tuning",
+    "peftkit.methods.prefix_tuning",
+)
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,11 @@ class MethodSpec:
         non_identity_kwargs: keyword arguments making a fresh adapter non-identity, so tests can observe it.
         combine: ``(tuner, adapters, weights, adapter_name, **options) -> None``: adds an adapter combining existing
             ones (``add_weighted_adapter``); None when the method cannot combine adapters.
+        kind: ``"adapter"`` (layers injected into the model, ``TunerModel``) or ``"prompt"`` (virtual tokens routed
+            into the inputs, ``PromptTuner``; ``create_layer`` / ``layer_options`` / ``default_targets`` unused).
+        prompt_encoder: prompt methods: ``(resolved config, word_embeddings or None) -> VirtualTokenEncoder``.
+        prompt_routing: prompt methods: ``"embeddings"`` (prepended to the input embeddings) or ``"prefix"``
+            (key/value prefix in every attention layer's cache).
     """
 
     peft_type: PeftType
@@ -62,6 +72,9 @@ class MethodSpec:
     example_configs: Sequence[dict[str, Any]] = field(default_factory=tuple)
     non_identity_kwargs: dict[str, Any] = field(default_factory=dict)
     combine: Callable[..., None] | None = None
+    kind: str = "adapter"
+    prompt_encoder: Callable[[PeftConfig, nn.Module | None], nn.Module] | None = None
+    prompt_routing: str | None = None
 
 
 _REGISTRY: dict[PeftType, MethodSpec] = {}

@@ -401,14 +401,19 @@ def _is_base_bias(name: str, prefix: str) -> bool:
     return not any(p.startswith(prefix) or p in internals for p in parts[:-1]) if prefix else True
 
 
-_TUNER_CLASSES: dict[str, type[TunerModel]] = {}
+_TUNER_CLASSES: dict[str, type[Any]] = {}
 
 
 def tuner_class(peft_type: object) -> type[TunerModel]:
-    """The named tuner subclass of a method (``LoraModel`` for LoRA)."""
+    """The named tuner subclass of a method (``LoraModel`` for LoRA; a ``PromptTuner`` for prompt methods)."""
     spec = get_method(str(peft_type))
     if spec.tuner_name not in _TUNER_CLASSES:
-        _TUNER_CLASSES[spec.tuner_name] = type(spec.tuner_name, (TunerModel,), {"__module__": __name__})
+        base: type[nn.Module] = TunerModel
+        if spec.kind == "prompt":
+            from .methods.prompt.tuner import PromptTuner
+
+            base = PromptTuner
+        _TUNER_CLASSES[spec.tuner_name] = type(spec.tuner_name, (base,), {"__module__": __name__})
     return _TUNER_CLASSES[spec.tuner_name]
 
 

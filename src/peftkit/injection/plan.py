@@ -111,6 +111,22 @@ def plan_injection(
     )
 
 
+def plan_modules_to_save(
+    model: nn.Module, config: PeftConfig, adapter_name: str, task_heads: Sequence[str] = ()
+) -> InjectionPlan:
+    """A plan that only wraps ``config.modules_to_save`` and ``task_heads`` (for methods without adapter layers, such
+    as the prompt-learning ones). Pure; raises :class:`NoMatchingPeftModuleError` for an entry matching nothing."""
+    save_entries = list(dict.fromkeys([*(getattr(config, "modules_to_save", None) or []), *task_heads]))
+    saved = _resolve_modules_to_save(list(candidate_modules(model)), save_entries, task_heads)
+    return InjectionPlan(
+        adapter_name=adapter_name,
+        layers=(),
+        modules_to_save=tuple(saved),
+        target_modules=set(),
+        modules_to_save_names=tuple(save_entries) if save_entries else None,
+    )
+
+
 def _resolve_targets(
     model: nn.Module, config: PeftConfig, modules: list[tuple[str, nn.Module]], method: MethodSpec
 ) -> set[str] | str:

@@ -18,6 +18,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from ..errors import AdapterLoadError, AdapterNotFoundError, PeftWarning, ShapeMismatchError, closest_names
 from ..layers.base import AdapterLayer
 from ..layers.modules_to_save import ModulesToSaveWrapper
+from ..layers.prompt import PromptEncoderDict
 
 WRAPPER_PREFIX = "base_model.model."
 TensorMap = dict[str, tuple[str, torch.Tensor]]
@@ -37,8 +38,11 @@ def _configs(model: nn.Module) -> dict[str, Any]:
 def adapter_tensor_map(model: nn.Module, adapter_name: str) -> TensorMap:
     """``{checkpoint key: (in-memory key, tensor)}`` of adapter ``adapter_name``, keys relative to ``model``.
 
-    Includes the adapter layers' tensors, ``modules_to_save`` copies (under the original module's path) and
-    the biases selected by the adapter's ``bias`` setting.
+    Includes the adapter layers' tensors, ``modules_to_save`` copies (under the original module's path), the
+    biases selected by the adapter's ``bias`` setting, and a prompt encoder's ``prompt_embeddings`` (an absolute key;
+    its in-memory key is None when the tensor is computed by an encoder head, which cannot be loaded into).
+    A module with a ``checkpoint_transparent_child`` (the prompt tuner) saves its descendants without that child's
+    name (``base_model.score.weight`` instead of ``base_model.model.score.weight``, as the reference does).
     """
     model = _unwrap_compiled(model)
     configs = _configs(model)
@@ -47,13 +51,22 @@ def adapter_tensor_map(model: nn.Module, adapter_name: str) -> TensorMap:
     bias = getattr(configs[adapter_name], "bias", "none")
     result: TensorMap = {}
     inside: list[str] = []
+    aliases: list[tuple[str, str]] = []
     for path, module in model.named_modules():
         if any(path.startswith(p) for p in inside):
             continue
-        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+        child = getattr(type(module), "checkpoint_transparent_child", None)
+        if child is not None:
+            aliases.append((f"{path}.{child}." if path else f"{child}.", f"{path}." if path else ""))
+        if isinstance(module, PromptEncoderDict):
             inside.append(path + ".")
             for saved, (mem, tensor) in module.adapter_state(adapter_name).items():
-                result[f"{path}.{saved}"] = (f"{path}.{mem}", tensor)
+                result[saved] = (None if mem is None else f"{path}.{mem}", tensor)  # type: ignore[assignment]
+        elif isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+            inside.append(path + ".")
+            saved_path = _alias(path + ".", aliases)
+            for saved, (mem, tensor) in module.adapter_state(adapter_name).items():
+                result[f"{saved_path}{saved}"] = (f"{path}.{mem}", tensor)
             if bias == "lora_only" and isinstance(module, AdapterLayer) and module.has_adapter(adapter_name):
                 base_bias = getattr(module.get_base_layer(), "bias", None)
                 if base_bias is not None:
@@ -64,6 +77,13 @@ def adapter_tensor_map(model: nn.Module, adapter_name: str) -> TensorMap:
             if name.endswith(".bias") and name not in {m for m, _ in result.values()} and _outside_internals(name):
                 result[name] = (name, param)
     return result
+
+
+def _alias(path: str, aliases: list[tuple[str, str]]) -> str:
+    for mem_prefix, saved_prefix in aliases:
+        if path.startswith(mem_prefix):
+            return saved_prefix + path[len(mem_prefix):]
+    return path
 
 
 def _base_layer_path(layer: AdapterLayer) -> str:
@@ -165,6 +185,11 @@ def set_peft_model_state_dict(
             unexpected.append(original)
             continue
         value = peft_model_state_dict[original]
+        if target[0] is None:
+            raise AdapterLoadError(
+                f"{original!r} of adapter {adapter_name!r} is computed by a trainable prompt encoder head (P-tuning, "
+                "prefix projection) and cannot be loaded into; load the adapter for inference (is_trainable=False)"
+            )
         if tuple(value.shape) != tuple(target[1].shape):
             mismatched.append(f"{original}: checkpoint {tuple(value.shape)} vs model {tuple(target[1].shape)}")
             continue
@@ -185,7 +210,7 @@ def set_peft_model_state_dict(
         )
     _copy(plan, low_cpu_mem_usage)
     present = set(incoming)
-    missing = [mem for norm, (mem, _) in expected.items() if norm not in present]
+    missing = [mem or norm for norm, (mem, _) in expected.items() if norm not in present]
     return _IncompatibleKeys(missing_keys=missing, unexpected_keys=unexpected)
 
 
