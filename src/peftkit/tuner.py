@@ -20,21 +20,17 @@ from .injection.plan import InjectionPlan, plan_injection
 from .layers.base import AdapterLayer
 from .layers.modules_to_save import ModulesToSaveWrapper
 from .registry import MethodSpec, all_methods, get_method
-
-#: the name that routes a row of a mixed batch through the base model only
-BASE_ROW = "__base__"
+from .tuner_base import BASE_ROW, BaseTuner
 
 
-class TunerModel(nn.Module):
-    """Holds ``model`` (the user's model, modified in place) and the adapters injected into it.
+class TunerModel(BaseTuner):
+    """Holds ``model`` (the user's model, modified in place) and the adapters injected into its layers.
 
     Attributes:
         model: the wrapped model.
         peft_config: ``{adapter_name: config}``; each config is peftkit's own copy with resolved targets.
         targeted_module_names: names of the modules holding adapter layers.
     """
-
-    prefix: str = ""
 
     def __init__(
         self,
@@ -45,13 +41,7 @@ class TunerModel(nn.Module):
         autocast_adapter_dtype: bool = True,
         task_heads: Sequence[str] = (),
     ) -> None:
-        super().__init__()
-        self.model = model
-        self.peft_config: dict[str, PeftConfig] = {}
-        self._active: list[str] = []
-        self._trainable: dict[str, bool] = {}
-        self._task_heads = tuple(task_heads)
-        self.targeted_module_names: list[str] = []
+        super().__init__(model, task_heads)
         configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
         for name, config in configs.items():
             self.inject_adapter(config, name, autocast_adapter_dtype=autocast_adapter_dtype)
@@ -61,32 +51,7 @@ class TunerModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "model":
-                raise
-            return getattr(self.model, name)
-
     # ------------------------------------------------------------------ adapters
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self._active)
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        return self._active[0] if len(self._active) == 1 else list(self._active)
-
-    @property
-    def method(self) -> MethodSpec:
-        return get_method(self.peft_type)
-
-    @property
-    def peft_type(self) -> str:
-        first = next(iter(self.peft_config.values()), None)
-        return str(first.peft_type) if first is not None else ""
-
     def adapter_modules(self) -> Iterator[tuple[str, AdapterLayer | ModulesToSaveWrapper]]:
         """``(name, module)`` of every adapter layer and ``modules_to_save`` wrapper in the model."""
         for name, module in self.model.named_modules():
@@ -111,8 +76,7 @@ class TunerModel(nn.Module):
         The first adapter becomes active and, unless ``config.inference_mode``, trainable; later adapters are added
         inactive and frozen.
         """
-        self._check_new_adapter(config, adapter_name)
-        method = get_method(config.peft_type)
+        method = self._check_new_adapter(config, adapter_name)
         plan = plan_injection(self.model, config, adapter_name, method, self._task_heads)
         first = not self.peft_config
         applied = apply_plan(self.model, plan, config, method, autocast_adapter_dtype)
@@ -126,21 +90,8 @@ class TunerModel(nn.Module):
         self._refresh_trainability()
         return applied
 
-    def _check_new_adapter(self, config: PeftConfig, adapter_name: str) -> None:
-        if not isinstance(config, PeftConfig):
-            raise ConfigError("peft_config", type(config).__name__, "allowed: a PeftConfig instance")
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise ConfigError("adapter_name", adapter_name, "allowed: a non-empty str")
-        if adapter_name in self.peft_config:
-            raise AdapterExistsError(f"Adapter with name {adapter_name!r} already exists.")
-        if adapter_name == BASE_ROW:
-            raise ConfigError("adapter_name", adapter_name, f"{BASE_ROW!r} is reserved for base-model rows of mixed "
-                              "batches; choose another name")
-        if self.peft_config and str(config.peft_type) != self.peft_type:
-            raise ConfigError(
-                "peft_type", str(config.peft_type),
-                f"Cannot combine adapters with different peft types; this model holds {self.peft_type} adapters",
-            )
+    def _check_new_adapter(self, config: PeftConfig, adapter_name: str) -> MethodSpec:
+        method = super()._check_new_adapter(config, adapter_name)
         if config.is_prompt_learning:
             raise ConfigError("peft_type", str(config.peft_type), "prompt-learning methods are not injected")
         biased = [n for n, c in self.peft_config.items() if getattr(c, "bias", "none") != "none"]
@@ -150,6 +101,7 @@ class TunerModel(nn.Module):
                 f"at most one adapter may train biases and adapter {biased[0]!r} already has "
                 f"bias={self.peft_config[biased[0]].bias!r}; use bias='none'",  # type: ignore[attr-defined]
             )
+        return method
 
     def remove_injected(self, applied: AppliedPlan) -> None:
         """Undo :meth:`inject_adapter` completely (used when a load fails after injection)."""
@@ -159,13 +111,6 @@ class TunerModel(nn.Module):
         self._active = [a for a in self._active if a != applied.adapter_name]
         self.targeted_module_names = [n for n, _ in self.adapter_modules() if not n.endswith("original_module")]
         self._refresh_trainability()
-
-    def _require(self, names: Iterable[str]) -> list[str]:
-        names = list(names)
-        for name in names:
-            if name not in self.peft_config:
-                raise AdapterNotFoundError(name, self.peft_config)
-        return names
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool | None = None) -> None:
         """Activate ``adapter_name`` (a name or a list; several active adapters add their updates).

@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 from ...config import PeftConfig
-from ...errors import AdapterExistsError, AdapterNotFoundError, ConfigError, MergeError, PeftWarning
+from ...errors import ConfigError, MergeError, PeftWarning
 from ...injection.apply import AppliedPlan, apply_plan, rollback, set_submodule
 from ...injection.plan import plan_modules_to_save
 from ...layers.modules_to_save import ModulesToSaveWrapper
 from ...layers.prompt import PromptEncoderDict, VirtualTokenEncoder
 from ...registry import MethodSpec, get_method
+from ...tuner_base import BaseTuner
 from .config import PromptLearningConfig, resolve_prompt_config
 from .routing import batch_size, prepend_mask, route_embeddings, route_prefix, split_prefix, task_rule
 
@@ -50,7 +51,7 @@ def find_word_embeddings(model: nn.Module) -> nn.Module | None:
     return None
 
 
-class PromptTuner(nn.Module):
+class PromptTuner(BaseTuner):
     """Holds ``model`` and the prompt encoders of its prompt-learning adapters (one active at a time).
 
     Attributes:
@@ -60,7 +61,6 @@ class PromptTuner(nn.Module):
             ``num_attention_heads``, ``num_transformer_submodules`` (and ``encoder_hidden_size``) resolved.
     """
 
-    prefix: str = ""
     #: saved keys of ``modules_to_save`` copies drop this child's name, as the reference's (``base_model.score.weight``)
     checkpoint_transparent_child: str = "model"
 
@@ -73,16 +73,10 @@ class PromptTuner(nn.Module):
         autocast_adapter_dtype: bool = True,
         task_heads: Sequence[str] = (),
     ) -> None:
-        super().__init__()
-        self.model = model
+        super().__init__(model, task_heads)
         self.prompt_encoder = PromptEncoderDict()
-        self.peft_config: dict[str, PeftConfig] = {}
-        self._active: list[str] = []
-        self._trainable: dict[str, bool] = {}
         self._applied: dict[str, AppliedPlan] = {}
-        self._task_heads = tuple(task_heads)
         self._disabled = False
-        self.targeted_module_names: list[str] = []
         self.__dict__["_word_embeddings"] = find_word_embeddings(model)  # not registered: it belongs to the model
         configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
         for name, config in configs.items():
@@ -90,35 +84,15 @@ class PromptTuner(nn.Module):
         self.model.peft_config = self.peft_config
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("model", "prompt_encoder"):
-                raise
-            return getattr(self.model, name)
+        if name == "prompt_encoder":
+            return nn.Module.__getattr__(self, name)
+        return super().__getattr__(name)
 
     # ------------------------------------------------------------------ adapters
     @property
     def word_embeddings(self) -> nn.Module | None:
         """The model's input token embeddings (used to embed ``input_ids`` and for SAMPLE_VOCAB / TEXT init)."""
         return self.__dict__["_word_embeddings"]
-
-    @property
-    def active_adapters(self) -> list[str]:
-        return list(self._active)
-
-    @property
-    def active_adapter(self) -> str | list[str]:
-        return self._active[0] if len(self._active) == 1 else list(self._active)
-
-    @property
-    def peft_type(self) -> str:
-        first = next(iter(self.peft_config.values()), None)
-        return str(first.peft_type) if first is not None else ""
-
-    @property
-    def method(self) -> MethodSpec:
-        return get_method(self.peft_type)
 
     def adapter_modules(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
         """``(name, wrapper)`` of every ``modules_to_save`` wrapper in the model (prompt methods have no layers)."""
@@ -154,17 +128,7 @@ class PromptTuner(nn.Module):
         return applied
 
     def _check_new_adapter(self, config: PeftConfig, adapter_name: str) -> MethodSpec:
-        if not isinstance(config, PeftConfig):
-            raise ConfigError("peft_config", type(config).__name__, "allowed: a PeftConfig instance")
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise ConfigError("adapter_name", adapter_name, "allowed: a non-empty str")
-        if adapter_name in self.peft_config:
-            raise AdapterExistsError(f"Adapter with name {adapter_name!r} already exists.")
-        if self.peft_config and str(config.peft_type) != self.peft_type:
-            raise ConfigError("peft_type", str(config.peft_type),
-                              f"Cannot combine adapters with different peft types; this model holds {self.peft_type} "
-                              "adapters")
-        method = get_method(str(config.peft_type))
+        method = super()._check_new_adapter(config, adapter_name)
         if method.kind != "prompt":
             raise ConfigError("peft_type", str(config.peft_type), "a PromptTuner holds prompt-learning adapters only")
         return method
@@ -192,12 +156,6 @@ class PromptTuner(nn.Module):
         remaining = [a for a in self._active if a != name]
         self._active = remaining or sorted(self.peft_config)[:1]
         self._refresh_trainability()
-
-    def _require(self, names: Sequence[str]) -> list[str]:
-        for name in names:
-            if name not in self.peft_config:
-                raise AdapterNotFoundError(name, self.peft_config)
-        return list(names)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool | None = None) -> None:
         """Activate ``adapter_name`` (one adapter: virtual tokens of several adapters are not combined).

@@ -1,0 +1,91 @@
+"""``BaseTuner``: what every tuner shares (the layer-injecting ``TunerModel`` and the prompt-learning tuner).
+
+It holds the user's model, ``{adapter_name: config}`` (peftkit's own copies), the active adapters and their
+trainability, forwards unknown attributes to the model, and checks names and configs of new adapters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from torch import nn
+
+from .config import PeftConfig
+from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError
+from .registry import MethodSpec, get_method
+
+#: the name that routes a row of a mixed batch through the base model only (so no adapter may take it)
+BASE_ROW = "__base__"
+
+
+class BaseTuner(nn.Module):
+    """Shared state of tuners.
+
+    Attributes:
+        model: the wrapped model.
+        peft_config: ``{adapter_name: config}``; each config is peftkit's own copy with resolved fields.
+        targeted_module_names: names of the modules holding adapter layers.
+    """
+
+    prefix: str = ""
+
+    def __init__(self, model: nn.Module, task_heads: Sequence[str] = ()) -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, PeftConfig] = {}
+        self._active: list[str] = []
+        self._trainable: dict[str, bool] = {}
+        self._task_heads = tuple(task_heads)
+        self.targeted_module_names: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    @property
+    def peft_type(self) -> str:
+        first = next(iter(self.peft_config.values()), None)
+        return str(first.peft_type) if first is not None else ""
+
+    @property
+    def method(self) -> MethodSpec:
+        return get_method(self.peft_type)
+
+    def _require(self, names: Iterable[str]) -> list[str]:
+        """``names`` as a list; raises :class:`AdapterNotFoundError` for a name this tuner does not hold."""
+        names = list(names)
+        for name in names:
+            if name not in self.peft_config:
+                raise AdapterNotFoundError(name, self.peft_config)
+        return names
+
+    def _check_new_adapter(self, config: PeftConfig, adapter_name: str) -> MethodSpec:
+        """The method of ``config`` after checking that ``adapter_name`` may be added with it."""
+        if not isinstance(config, PeftConfig):
+            raise ConfigError("peft_config", type(config).__name__, "allowed: a PeftConfig instance")
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise ConfigError("adapter_name", adapter_name, "allowed: a non-empty str")
+        if adapter_name in self.peft_config:
+            raise AdapterExistsError(f"Adapter with name {adapter_name!r} already exists.")
+        if adapter_name == BASE_ROW:
+            raise ConfigError("adapter_name", adapter_name, f"{BASE_ROW!r} is reserved for base-model rows of mixed "
+                              "batches; choose another name")
+        if self.peft_config and str(config.peft_type) != self.peft_type:
+            raise ConfigError(
+                "peft_type", str(config.peft_type),
+                f"Cannot combine adapters with different peft types; this model holds {self.peft_type} adapters",
+            )
+        return get_method(str(config.peft_type))
