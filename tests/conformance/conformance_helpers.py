@@ -22,6 +22,8 @@ from peftkit.registry import MethodSpec, all_methods
 
 #: LoRA-style methods only; the prompt-learning methods (kind="prompt") have their own invariants (tests/test_prompt_*.py)
 METHODS: list[MethodSpec] = [m for m in all_methods() if m.kind != "prompt"]
+#: the prompt-learning methods; tested by test_conformance_prompt.py over the transformers text cases
+PROMPT_METHODS: list[MethodSpec] = [m for m in all_methods() if m.kind == "prompt"]
 BATCH = 2
 #: tolerances of REFERENCE.md §4 (fp32)
 TOL_IDENTITY = 1e-6

@@ -406,7 +406,11 @@ def _cache_through_checkpoints(layers: list[nn.Module]) -> Iterator[None]:
     Models whose outer module drops the cache itself when checkpointing (GPT-2 passes ``None`` to its blocks) get
     that module's flag switched off for the call; the blocks still checkpoint themselves."""
     flagged = [m for m in layers if hasattr(type(m), "_can_checkpoint_with_cache")]
-    outer = [m for m in layers if not hasattr(type(m), "_can_checkpoint_with_cache")] if flagged else []
+    # only modules that contain checkpointed layers; modules inside one (T5Attention) must keep their flag, or the
+    # recomputation in backward would take another code path than the forward
+    inner = {id(sub) for f in flagged for sub in f.modules() if sub is not f}
+    outer = [m for m in layers if not hasattr(type(m), "_can_checkpoint_with_cache") and id(m) not in inner]
+    outer = outer if flagged else []
     for module in flagged:
         module._can_checkpoint_with_cache = True
     for module in outer:
