@@ -144,18 +144,29 @@ def timed(fn: Callable[[], Any]) -> tuple[Timing, Any]:
     return Timing(c1 - c0, w1 - w0), value
 
 
-def interleaved_reps(variants: Mapping[str, Callable[[], Any]], reps: int, warmup: int = 1,
-                     on_warmup: Callable[[str, Any], None] | None = None) -> dict[str, dict[str, list[float]]]:
+def interleaved_reps(variants: Mapping[str, Callable[..., Any]], reps: int, warmup: int = 1,
+                     on_warmup: Callable[[str, Any], None] | None = None,
+                     setup: Mapping[str, Callable[[], Any]] | None = None) -> dict[str, dict[str, list[float]]]:
     """Time each variant ``reps`` times, interleaved, after ``warmup`` untimed calls of each.
 
     Repetition ``i`` runs the variants in the given order rotated by ``i`` (a, b, c / b, c, a / ...), so no
     variant always runs first. ``on_warmup(name, value)`` sees each warm-up result (e.g. to keep outputs for
-    correctness checks). Returns ``{name: {"cpu": [s, ...], "wall": [s, ...]}}``.
+    correctness checks). ``setup[name]``, where given, is called untimed before every call of that variant and
+    its value passed as the variant's only argument (e.g. a fresh model for a variant that consumes it).
+    Returns ``{name: {"cpu": [s, ...], "wall": [s, ...]}}``.
     """
     names = list(variants)
+    setup = setup or {}
+
+    def call(name: str) -> Callable[[], Any]:
+        if name not in setup:
+            return variants[name]
+        state = setup[name]()
+        return lambda: variants[name](state)
+
     for _ in range(warmup):
         for name in names:
-            value = variants[name]()
+            value = call(name)()
             if on_warmup is not None:
                 on_warmup(name, value)
             del value
@@ -163,8 +174,9 @@ def interleaved_reps(variants: Mapping[str, Callable[[], Any]], reps: int, warmu
     for i in range(reps):
         k = i % len(names)
         for name in names[k:] + names[:k]:
-            timing, value = timed(variants[name])
-            del value
+            fn = call(name)
+            timing, value = timed(fn)
+            del value, fn
             out[name]["cpu"].append(timing.cpu)
             out[name]["wall"].append(timing.wall)
     return out
@@ -187,6 +199,36 @@ def peak_rss_mb() -> float | None:
     except OSError:
         pass
     return None
+
+
+def current_rss_mb() -> float | None:
+    """Current resident set size of this process in MB (``VmRSS``), or None where unavailable."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def time_command(cmd: Sequence[str], *, env: Mapping[str, str] | None = None) -> tuple[dict[str, float], str]:
+    """Run ``cmd`` to completion in a fresh process; return ``({"wall": s, "cpu": s}, stdout)`` with the child's
+    user + system CPU seconds. (Its ``ru_maxrss`` is not reported: on Linux it includes the forking parent's
+    memory; let the command print its own ``VmHWM`` instead.) Raises ``RuntimeError`` if it exits non-zero."""
+    full_env = {**os.environ, **WORKER_ENV, **(env or {})}
+    with tempfile.TemporaryFile() as out_file, tempfile.TemporaryFile() as err_file:
+        start = time.perf_counter()
+        proc = subprocess.Popen(list(cmd), env=full_env, stdout=out_file, stderr=err_file)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out_file.seek(0)
+        err_file.seek(0)
+        stdout, stderr = out_file.read().decode(errors="replace"), err_file.read().decode(errors="replace")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}: {stderr[-2000:]}")
+    return {"wall": wall, "cpu": usage.ru_utime + usage.ru_stime}, stdout
 
 
 def write_result(path: str | Path | None, result: Mapping[str, Any]) -> None:
@@ -225,7 +267,7 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub-markdown table; floats are formatted with :func:`fmt`."""
-    cells = [[fmt(c) if isinstance(c, float) else str(c) for c in row] for row in rows]
+    cells = [[fmt(c) if isinstance(c, float) or c is None else str(c) for c in row] for row in rows]
     widths = [max(len(str(h)), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     line = "| " + " | ".join(str(h).ljust(w) for h, w in zip(headers, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"

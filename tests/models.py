@@ -234,6 +234,26 @@ def tiny_whisper():
         return WhisperForConditionalGeneration(config)
 
 
+def tiny_vit(num_labels: int = 3):
+    """ViTForImageClassification: ``pixel_values`` (B, 3, 32, 32), 8x8 patches (16 tokens + CLS), a fresh
+    ``classifier`` head Linear(32, num_labels); attention projections are ``q_proj`` / ``k_proj`` / ``v_proj``
+    (transformers 5 names; 4.x called them ``query`` / ``key`` / ``value``)."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=FFN,
+        num_labels=num_labels,
+    )
+    with _seeded():
+        return ViTForImageClassification(config)
+
+
 # --------------------------------------------------------------------------------------------------
 # plain-torch models (no transformers)
 
@@ -287,6 +307,69 @@ class Conv1dModel(nn.Module):
 
     def forward(self, x):
         return self.lin0(self.flat(self.conv(x)))
+
+
+class ResnetBlock(nn.Module):
+    """diffusers-style ResNet block: GroupNorm -> SiLU -> conv1 -> GroupNorm -> SiLU -> conv2, plus the input."""
+
+    def __init__(self, channels: int = HIDDEN, groups: int = 8):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.nonlinearity = nn.SiLU()
+
+    def forward(self, x):
+        h = self.conv1(self.nonlinearity(self.norm1(x)))
+        h = self.conv2(self.nonlinearity(self.norm2(h)))
+        return x + h
+
+
+class SelfAttention(nn.Module):
+    """diffusers-style attention over the pixels of a feature map: ``to_q`` / ``to_k`` / ``to_v`` and
+    ``to_out`` = [Linear, Dropout] (so the output projection is ``to_out.0``), GroupNorm in front, residual."""
+
+    def __init__(self, channels: int = HIDDEN, heads: int = HEADS, groups: int = 8):
+        super().__init__()
+        self.heads = heads
+        self.group_norm = nn.GroupNorm(groups, channels)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels), nn.Dropout(0.0)])
+
+    def forward(self, x):
+        b, c, hgt, wid = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
+
+        def split(t):  # (B, H*W, C) -> (B, heads, H*W, C / heads)
+            return t.view(b, -1, self.heads, c // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.to_q(h)), split(self.to_k(h)), split(self.to_v(h))
+        h = nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, c)
+        h = self.to_out[1](self.to_out[0](h))
+        return x + h.transpose(1, 2).reshape(b, c, hgt, wid)
+
+
+class UNetBlock(nn.Module):
+    """A diffusers-style UNet mid block from plain torch modules (stands in for DreamBooth-style training).
+
+    x: (B, 4, 8, 8) latents -> (B, 4, 8, 8) predicted noise. Conv2d targets: ``conv_in``, ``resnet.conv1``,
+    ``resnet.conv2``, ``conv_out``; attention Linear targets: ``to_q``, ``to_k``, ``to_v``, ``to_out.0``.
+    """
+
+    def __init__(self, latent_channels: int = 4, channels: int = HIDDEN):
+        super().__init__()
+        self.conv_in = nn.Conv2d(latent_channels, channels, 3, padding=1)
+        self.resnet = ResnetBlock(channels)
+        self.attn = SelfAttention(channels)
+        self.norm_out = nn.GroupNorm(8, channels)
+        self.conv_out = nn.Conv2d(channels, latent_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.attn(self.resnet(self.conv_in(x)))
+        return self.conv_out(nn.functional.silu(self.norm_out(h)))
 
 
 def _seeded_build(cls: type[nn.Module]) -> Callable[[], nn.Module]:
@@ -374,6 +457,15 @@ def conv2d_inputs(batch_size: int) -> dict[str, torch.Tensor]:
 
 def conv1d_inputs(batch_size: int) -> dict[str, torch.Tensor]:
     return {"x": torch.randn(batch_size, 4, 16, generator=_gen(8))}
+
+
+def vit_inputs(batch_size: int) -> dict[str, torch.Tensor]:
+    return {"pixel_values": torch.randn(batch_size, 3, 32, 32, generator=_gen(9)),
+            "labels": torch.arange(batch_size) % 3}
+
+
+def unet_inputs(batch_size: int) -> dict[str, torch.Tensor]:
+    return {"x": torch.randn(batch_size, 4, 8, 8, generator=_gen(10))}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -263,14 +263,14 @@ def test_linear_layers_take_the_inplace_path(monkeypatch):
     import peftkit.methods.lora.layers as lora_layers
 
     calls = []
-    real = lora_layers.add_lowrank_
+    real = lora_layers.add_lora_
 
     def spy(result, *args):
         out = real(result, *args)
         calls.append(out is result)
         return out
 
-    monkeypatch.setattr(lora_layers, "add_lowrank_", spy)
+    monkeypatch.setattr(lora_layers, "add_lora_", spy)
     model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "down_proj"], init_lora_weights=False))
     model(**causal_lm_inputs(2)).loss.backward()  # training mode, with autograd
     assert len(calls) == 4 and all(calls)

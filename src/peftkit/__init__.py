@@ -30,6 +30,10 @@ from .errors import (
 from .hotswap import hotswap_adapter, hotswap_adapter_from_state_dict, prepare_model_for_compiled_hotswap
 from .layers import AdapterLayer, ModulesToSaveWrapper
 from .mapping import get_peft_config, get_peft_model, inject_adapter_in_model
+from .methods.adalora import AdaLoraConfig, AdaLoraStepHook, attach_adalora
+from .methods.ia3 import IA3Config
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
 from .methods.lora import LoraConfig
 from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
@@ -45,6 +49,7 @@ from .peft_model import (
     PeftModelForSequenceClassification,
     PeftModelForTokenClassification,
 )
+from .quantization import QuantizedMergeReport, QuantizedMergeWarning, prepare_model_for_kbit_training
 from .registry import MethodSpec, all_methods, get_method, register_method
 from .serialization.files import load_peft_weights
 from .serialization.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
@@ -57,9 +62,27 @@ __version__ = PEFTKIT_VERSION
 #: the reference's name for the base class of adapter layers
 BaseTunerLayer = AdapterLayer
 LoraModel = tuner_class("LORA")
+IA3Model = tuner_class("IA3")
+LoHaModel = tuner_class("LOHA")
+LoKrModel = tuner_class("LOKR")
+AdaLoraModel = tuner_class("ADALORA")
+
+
+def __getattr__(name: str) -> object:
+    """``AdaLoraCallback`` (a transformers ``TrainerCallback``) is built on first use, importing transformers."""
+    if name == "AdaLoraCallback":
+        from .methods.adalora import training
+
+        return training.AdaLoraCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "AdaLoraCallback",
+    "AdaLoraConfig",
+    "AdaLoraModel",
+    "AdaLoraStepHook",
     "AdapterExistsError",
     "AdapterLayer",
     "AdapterLoadError",
@@ -73,6 +96,12 @@ __all__ = [
     "AutoPeftModelForTokenClassification",
     "BaseTunerLayer",
     "ConfigError",
+    "IA3Config",
+    "IA3Model",
+    "LoHaConfig",
+    "LoHaModel",
+    "LoKrConfig",
+    "LoKrModel",
     "LoraConfig",
     "LoraModel",
     "MergeError",
@@ -99,6 +128,8 @@ __all__ = [
     "PromptLearningConfig",
     "PromptTuningConfig",
     "PromptTuningInit",
+    "QuantizedMergeReport",
+    "QuantizedMergeWarning",
     "ShapeMismatchError",
     "TaskType",
     "TunerLayerStatus",
@@ -107,6 +138,7 @@ __all__ = [
     "UnsupportedModuleError",
     "__version__",
     "all_methods",
+    "attach_adalora",
     "get_layer_status",
     "get_method",
     "get_model_status",
@@ -118,6 +150,7 @@ __all__ = [
     "inject_adapter_in_model",
     "load_peft_weights",
     "prepare_model_for_compiled_hotswap",
+    "prepare_model_for_kbit_training",
     "register_method",
     "set_peft_model_state_dict",
 ]

@@ -47,8 +47,10 @@ class _BaseAutoPeftModel:
     ) -> PeftModel:
         """Read the adapter config, load its ``base_model_name_or_path`` (at ``revision``), resize the embeddings
         when a tokenizer with more tokens is saved beside the adapter, then load the adapter."""
-        hub = {k: kwargs[k] for k in ("subfolder", "cache_dir", "token") if k in kwargs}
-        peft_config = config or PeftConfig.from_pretrained(pretrained_model_name_or_path, revision=revision, **hub)
+        hub = {k: kwargs[k] for k in ("subfolder", "cache_dir", "token", "local_files_only") if k in kwargs}
+        if revision is not None:
+            hub["revision"] = revision  # the adapter's revision; the base model's is peft_config.revision
+        peft_config = config or PeftConfig.from_pretrained(pretrained_model_name_or_path, **hub)
         base_path = peft_config.base_model_name_or_path
         if not base_path:
             raise AdapterLoadError(
@@ -58,8 +60,9 @@ class _BaseAutoPeftModel:
         if cls._task_type is not None and str(peft_config.task_type) != cls._task_type:
             raise ConfigError("task_type", str(peft_config.task_type),
                               f"{cls.__name__} loads adapters with task_type {cls._task_type!r}")
-        base_cls = cls._base_class(peft_config, import_allowlist)
         model_kwargs = {k: v for k, v in kwargs.items() if k not in ("subfolder", "adapter_name")}
+        base_cls = cls._base_class(peft_config, import_allowlist)
+        base_cls = _pick_auto_class(base_cls, peft_config, model_kwargs)
         base_model = base_cls.from_pretrained(base_path, revision=peft_config.revision, **model_kwargs)
         _maybe_resize(base_model, pretrained_model_name_or_path, hub)
         peft_cls = cls._target_peft_class
@@ -85,6 +88,35 @@ class _BaseAutoPeftModel:
         return getattr(importlib.import_module(library), mapping["base_model_class"])
 
 
+#: transformers Auto classes tried, in order, when the task's usual class does not know the base model's config
+#: (Whisper is a SEQ_2_SEQ_LM model that only ``AutoModelForSpeechSeq2Seq`` builds; ViT is a SEQ_CLS-style classifier)
+TASK_ALTERNATIVE_AUTO_CLASSES = {
+    "AutoModelForSeq2SeqLM": ("AutoModelForSpeechSeq2Seq",),
+    "AutoModelForSequenceClassification": ("AutoModelForImageClassification", "AutoModelForAudioClassification"),
+}
+
+
+def _pick_auto_class(base_cls: Any, peft_config: PeftConfig, model_kwargs: dict[str, Any]) -> Any:
+    """``base_cls``, or the first alternative Auto class that knows the base model's config type.
+
+    Only transformers Auto classes with alternatives read the base ``config.json`` (local, Hub or cache)."""
+    alternatives = TASK_ALTERNATIVE_AUTO_CLASSES.get(getattr(base_cls, "__name__", ""), ())
+    if not alternatives:
+        return base_cls
+    import transformers
+
+    hub = {k: model_kwargs[k] for k in ("cache_dir", "token", "local_files_only", "trust_remote_code")
+           if k in model_kwargs}
+    base_config = transformers.AutoConfig.from_pretrained(
+        peft_config.base_model_name_or_path, revision=peft_config.revision, **hub
+    )
+    for candidate in (base_cls.__name__, *alternatives):
+        auto_cls = getattr(transformers, candidate)
+        if type(base_config) in auto_cls._model_mapping:
+            return auto_cls
+    return base_cls  # transformers raises its own error naming the config class
+
+
 TASK_TO_AUTO_CLASS = {
     "CAUSAL_LM": "AutoModelForCausalLM",
     "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
@@ -96,11 +128,13 @@ TASK_TO_AUTO_CLASS = {
 
 
 def _maybe_resize(model: Any, path: str | os.PathLike[str], hub: dict[str, Any]) -> None:
-    if resolve_file(path, "tokenizer_config.json", hub.get("subfolder")) is None:
+    hub = dict(hub)
+    subfolder = hub.pop("subfolder", None)
+    if resolve_file(path, "tokenizer_config.json", subfolder, **hub) is None:
         return
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, subfolder=hub.get("subfolder") or "")
+    tokenizer = AutoTokenizer.from_pretrained(path, subfolder=subfolder or "", **hub)
     emb = model.get_input_embeddings()
     if emb is not None and len(tokenizer) > emb.weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))

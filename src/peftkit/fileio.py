@@ -55,7 +55,9 @@ def resolve_file(
 ) -> str | None:
     """Path of ``filename`` in a local directory, or downloaded from the Hub repo ``path_or_id``.
 
-    Returns None when the file does not exist there. Hub errors other than "not found" propagate.
+    Returns None when the file does not exist there; raises :class:`AdapterLoadError` naming the id when the repo
+    (or revision) cannot be found, online or in the local cache. ``kwargs``: ``revision``, ``cache_dir``, ``token``,
+    ``local_files_only``, ... (see ``HUB_KWARGS``).
     """
     base = Path(path_or_id)
     local = base / subfolder / filename if subfolder else base / filename
@@ -63,17 +65,75 @@ def resolve_file(
         return str(local) if local.is_file() else None
     if os.path.isabs(str(path_or_id)) or str(path_or_id).startswith((".", "~")):
         return None  # a local path that does not exist: never ask the Hub
+    return _resolve_hub_file(str(path_or_id), filename, subfolder, hub_kwargs(kwargs))
+
+
+def _resolve_hub_file(repo_id: str, filename: str, subfolder: str | None, hub: dict[str, Any]) -> str | None:
+    """``filename`` from the Hub repo ``repo_id`` (or the local Hugging Face cache when offline).
+
+    Offline (``HF_HUB_OFFLINE=1`` or ``local_files_only=True``) only the cache is read: a file missing from a cached
+    snapshot gives None, a repo/revision that is not cached raises :class:`AdapterLoadError` naming the id.
+    Online, a missing file gives None; a missing repo or revision raises :class:`AdapterLoadError`.
+    """
     import huggingface_hub
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+    from huggingface_hub.utils import validate_repo_id
 
     try:
-        return huggingface_hub.hf_hub_download(
-            str(path_or_id), filename, subfolder=subfolder or None, **hub_kwargs(kwargs)
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise AdapterLoadError(f"{repo_id!r} is neither a local directory nor a valid Hub repo id: {exc}") from exc
+    revision = hub.get("revision") or "main"
+    where = f"Hub repo {repo_id!r} (revision {revision!r})"
+    if constants.is_offline_mode() or hub.get("local_files_only"):
+        cache_dir = hub.get("cache_dir") or constants.HF_HUB_CACHE
+        repo_type = hub.get("repo_type") or "model"
+        full_name = f"{subfolder}/{filename}" if subfolder else filename
+        cached = huggingface_hub.try_to_load_from_cache(
+            repo_id, full_name, cache_dir=cache_dir, revision=revision, repo_type=repo_type
         )
-    except LocalEntryNotFoundError as exc:  # offline and not cached
+        if isinstance(cached, str):
+            return cached
+        if _snapshot_is_cached(repo_id, revision, os.fspath(cache_dir), repo_type):
+            return None  # the repo is cached and this file is not part of it
         raise AdapterLoadError(
-            f"{filename!r} is not in the local directory {str(path_or_id)!r} (no such directory) and could not be "
-            f"fetched from the Hub: {exc}"
+            f"{repo_id!r} is not a local directory, and the {where} is not in the Hugging Face cache "
+            f"{os.fspath(cache_dir)!r}; offline mode is on (HF_HUB_OFFLINE=1 or local_files_only=True), so it "
+            "cannot be downloaded"
+        )
+    try:
+        return huggingface_hub.hf_hub_download(repo_id, filename, subfolder=subfolder or None, **hub)
+    except LocalEntryNotFoundError as exc:  # no connection and not cached
+        raise AdapterLoadError(
+            f"{filename!r}: {repo_id!r} is not a local directory, and the {where} could not be reached and is not "
+            f"cached: {exc}"
         ) from exc
-    except (EntryNotFoundError, RepositoryNotFoundError):
+    except RevisionNotFoundError as exc:
+        raise AdapterLoadError(f"the {where} has no such revision: {exc}") from exc
+    except RepositoryNotFoundError as exc:  # also gated/private repos without a valid token
+        raise AdapterLoadError(
+            f"{repo_id!r} is neither a local directory nor a Hub repo you can access (pass token= for a private "
+            f"or gated repo): {exc}"
+        ) from exc
+    except EntryNotFoundError:
         return None
+
+
+def _snapshot_is_cached(repo_id: str, revision: str, cache_dir: str, repo_type: str) -> bool:
+    """Whether the cache holds a snapshot of ``repo_id`` at ``revision`` (a branch/tag in ``refs/`` or a commit)."""
+    from huggingface_hub.file_download import repo_folder_name
+
+    storage = os.path.join(cache_dir, repo_folder_name(repo_id=repo_id, repo_type=repo_type))
+    commit = revision
+    ref_file = os.path.join(storage, "refs", revision)
+    if os.path.isfile(ref_file):
+        with open(ref_file, encoding="utf-8") as fh:
+            commit = fh.read().strip()
+    return os.path.isdir(os.path.join(storage, "snapshots", commit))

@@ -312,7 +312,8 @@ def _check_config(current: PeftConfig, new: PeftConfig, parameter_prefix: str) -
     if parameter_prefix != prefix:
         raise ConfigError("parameter_prefix", parameter_prefix, f"allowed for {new.peft_type!s}: {prefix!r}")
     if new.use_dora:
-        raise ConfigError("use_dora", new.use_dora, "peftkit does not implement DoRA yet; allowed: False")
+        raise ConfigError("use_dora", new.use_dora,
+                          "hot-swapping supports plain LoRA adapters (no DoRA magnitude); allowed: False")
 
 
 def _check_not_merged(model: nn.Module, adapter_name: str) -> None:

@@ -29,7 +29,16 @@ from torch.nn.modules.module import _IncompatibleKeys
 from .config import PeftConfig
 from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError, PeftWarning
 from .fileio import HUB_KWARGS
+from .injection.apply import weights_follow
 from .injection.plan import QA_HEADS, SEQ_CLS_HEADS
+from .model_surface import (
+    bind_forward,
+    declare_labels,
+    drop_tied_aliases,
+    enable_input_grads,
+    forgive_tied_aliases,
+)
+from .registry import get_method
 from .serialization.files import load_peft_weights, save_weights
 from .serialization.model_card import render_model_card, write_model_card
 from .serialization.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
@@ -55,6 +64,15 @@ class PeftModel(nn.Module):
 
     #: modules the task adds to ``modules_to_save`` (classification heads)
     _task_heads: tuple[str, ...] = ()
+    #: label inputs declared on the class's ``forward`` signature (``transformers.Trainer`` reads them from the class)
+    _label_names: tuple[str, ...] = ("labels",)
+    #: transformers' marker of a model carrying adapters (lets ``Trainer`` fine-tune a quantized base through it)
+    _hf_peft_config_loaded = True
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "forward" not in cls.__dict__:
+            cls.forward = declare_labels(cls.forward, cls._label_names)  # type: ignore[method-assign]
 
     def __init__(
         self,
@@ -71,6 +89,37 @@ class PeftModel(nn.Module):
             autocast_adapter_dtype=autocast_adapter_dtype, task_heads=self._task_heads,
         )
         self._enabled = True
+        self._trainer_surface()
+        if _is_checkpointing(model) and not getattr(model, "is_quantized", False):
+            enable_input_grads(model)  # as the reference does for a base that already checkpoints
+
+    def _trainer_surface(self) -> None:
+        """What ``Trainer``/TRL read by duck-typing (see ``peftkit.model_surface``): the wrapped model's forward
+        signature on ``self.forward``, tied weights stored once in ``state_dict()``."""
+        bound = bind_forward(self, self.get_base_model())
+        if bound is not None:
+            self.forward = bound
+        self.register_state_dict_post_hook(drop_tied_aliases)
+        self.register_load_state_dict_post_hook(forgive_tied_aliases)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("forward", None)  # a bound method of this instance; rebuilt by __setstate__
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        bound = bind_forward(self, self.get_base_model())
+        if bound is not None:
+            self.forward = bound
+
+    def _get_name(self) -> str:
+        """The wrapped model's class name (``Trainer`` picks shifted-label smoothing for causal LMs by this name)."""
+        return self.get_base_model()._get_name()
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        return type(self).__name__ + text[len(self._get_name()):]
 
     # ------------------------------------------------------------------ forwarding
     def __getattr__(self, name: str) -> Any:
@@ -103,6 +152,17 @@ class PeftModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         """The user's model (with adapter layers inside)."""
         return self.base_model.model
+
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """The base model's ``activation_checkpointing_enable``, then input embeddings that output tensors requiring
+        grad (so re-entrant checkpointing of a frozen base still trains the adapters)."""
+        self.get_base_model().activation_checkpointing_enable(*args, **kwargs)
+        enable_input_grads(self.get_base_model())
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """The base model's ``gradient_checkpointing_enable`` (older name), then input grads as above."""
+        self.get_base_model().gradient_checkpointing_enable(*args, **kwargs)
+        enable_input_grads(self.get_base_model())
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -196,8 +256,12 @@ class PeftModel(nn.Module):
         if os.path.isfile(save_directory):
             raise ConfigError("save_directory", save_directory, "allowed: a directory path, not a file")
         if path_initial_model_for_weight_conversion is not None:
-            raise ConfigError("path_initial_model_for_weight_conversion", path_initial_model_for_weight_conversion,
-                              "peftkit does not implement weight conversion yet (PiSSA/OLoRA); allowed: None")
+            for name in self.peft_config if selected_adapters is None else selected_adapters:
+                if name in self.peft_config and get_method(self.peft_config[name].peft_type).convert_for_save is None:
+                    raise ConfigError("path_initial_model_for_weight_conversion",
+                                      path_initial_model_for_weight_conversion,
+                                      f"adapter {name!r} ({self.peft_config[name].peft_type}) cannot be converted; "
+                                      "allowed: None")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             if name not in self.peft_config:
@@ -209,8 +273,12 @@ class PeftModel(nn.Module):
             target = save_directory if name == "default" else os.path.join(save_directory, name)
             embeddings = self._save_embeddings(save_embedding_layers)
             tensors = get_peft_model_state_dict(self, kwargs.get("state_dict"), name, save_embedding_layers=embeddings)
-            save_weights(tensors, target, safe_serialization)
             config = self.peft_config[name]
+            if path_initial_model_for_weight_conversion is not None:
+                convert = get_method(config.peft_type).convert_for_save
+                assert convert is not None
+                config, tensors = convert(config, tensors, os.fspath(path_initial_model_for_weight_conversion))
+            save_weights(tensors, target, safe_serialization)
             if config.task_type is None and config.auto_mapping is None:
                 config = config.copy(auto_mapping=_auto_mapping(self.get_base_model()))
             config.save_pretrained(target)
@@ -239,6 +307,31 @@ class PeftModel(nn.Module):
         quant_dict = quant.to_dict() if hasattr(quant, "to_dict") else quant
         is_transformers = any(c.__name__ == "PreTrainedModel" for c in type(base).__mro__)
         write_model_card(output_dir, render_model_card(self.peft_config, is_transformers, quant_dict))
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        tags: list[str] | None = None,
+        **save_kwargs: Any,
+    ) -> Any:
+        """Upload the adapter files (as ``save_pretrained`` writes them, ``save_kwargs`` passed on) and a model card
+        with ``library_name: peft``, ``base_model`` and ``tags`` to the Hub repo ``repo_id`` in one commit.
+
+        Returns ``huggingface_hub``'s ``CommitInfo``. ``max_shard_size`` is accepted and ignored (adapters are
+        never sharded)."""
+        from .serialization.hub import push_to_hub
+
+        save_kwargs.pop("max_shard_size", None)
+        return push_to_hub(lambda tmp: self.save_pretrained(tmp, **save_kwargs), repo_id,
+                           commit_message=commit_message, commit_description=commit_description, private=private,
+                           token=token, revision=revision, create_pr=create_pr, tags=tags)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -273,14 +366,19 @@ class PeftModel(nn.Module):
         if key_mapping is None:
             key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None
         grads = {name: p.requires_grad for name, p in model.named_parameters()}
-        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                                low_cpu_mem_usage=low_cpu_mem_usage)
         try:
-            result = set_peft_model_state_dict(
-                peft_model, weights, adapter_name, kwargs.pop("ignore_mismatched_sizes", False), key_mapping=key_mapping
-            )
+            with _skip_init_unless(is_trainable):
+                peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                        low_cpu_mem_usage=low_cpu_mem_usage)
+                try:
+                    result = set_peft_model_state_dict(
+                        peft_model, weights, adapter_name, kwargs.pop("ignore_mismatched_sizes", False),
+                        key_mapping=key_mapping, assign=True,
+                    )
+                except BaseException:
+                    peft_model.base_model.unload()
+                    raise
         except BaseException:
-            peft_model.base_model.unload()
             for name, p in model.named_parameters():
                 p.requires_grad_(grads.get(name, p.requires_grad))
             raise
@@ -312,14 +410,17 @@ class PeftModel(nn.Module):
         config = PeftConfig.from_pretrained(model_id, **hub).copy(inference_mode=not is_trainable)
         _check_trainable_load(config, is_trainable)
         weights = load_peft_weights(model_id, device=torch_device, **hub)
-        applied = self.base_model.inject_adapter(config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
-        try:
-            result = set_peft_model_state_dict(
-                self, weights, adapter_name, kwargs.pop("ignore_mismatched_sizes", False), key_mapping=key_mapping
-            )
-        except BaseException:
-            self.base_model.remove_injected(applied)
-            raise
+        with _skip_init_unless(is_trainable):
+            applied = self.base_model.inject_adapter(config, adapter_name,
+                                                     autocast_adapter_dtype=autocast_adapter_dtype)
+            try:
+                result = set_peft_model_state_dict(
+                    self, weights, adapter_name, kwargs.pop("ignore_mismatched_sizes", False), key_mapping=key_mapping,
+                    assign=True,
+                )
+            except BaseException:
+                self.base_model.remove_injected(applied)
+                raise
         _warn_incompatible(result)
         if not is_trainable:
             self.eval()
@@ -337,6 +438,9 @@ class PeftModel(nn.Module):
         from .status import get_model_status
 
         return get_model_status(self)
+
+
+PeftModel.forward = declare_labels(PeftModel.forward, PeftModel._label_names)  # type: ignore[method-assign]
 
 
 class PeftModelForCausalLM(PeftModel):
@@ -369,10 +473,13 @@ class PeftModelForQuestionAnswering(PeftModel):
     """Extractive QA: the ``qa_outputs`` head is trained in full."""
 
     _task_heads = QA_HEADS
+    _label_names = ("start_positions", "end_positions")
 
 
 class PeftModelForFeatureExtraction(PeftModel):
     """Encoders used for embeddings; nothing extra is trained."""
+
+    _label_names = ()
 
 
 MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
@@ -401,6 +508,12 @@ def _config_for_model(model: nn.Module, config: PeftConfig, warn: bool = True) -
     return config.copy(**changes)
 
 
+def _skip_init_unless(is_trainable: bool) -> contextlib.AbstractContextManager[None]:
+    """Loading for inference: adapters skip their random init, the checkpoint overwrites them (a tensor missing from
+    it is zeroed, which adds nothing). Trainable loads keep the normal init so that missing tensors still train."""
+    return contextlib.nullcontext() if is_trainable else weights_follow()
+
+
 def _check_trainable_load(config: PeftConfig, is_trainable: bool) -> None:
     """A saved prompt-learning adapter holds the encoder's output, not the encoder: it loads for inference only."""
     if is_trainable and config.is_prompt_learning:
@@ -414,6 +527,12 @@ def _auto_mapping(model: nn.Module) -> dict[str, str] | None:
     if not any(c.__name__ == "PreTrainedModel" for c in type(model).__mro__):
         return None
     return {"base_model_class": type(model).__name__, "parent_library": type(model).__module__}
+
+
+def _is_checkpointing(model: nn.Module) -> bool:
+    flag = getattr(type(model), "is_activation_checkpointing", None)  # transformers 5 name (the old one warns)
+    name = "is_activation_checkpointing" if flag is not None else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
 
 
 #: keyword inputs whose first dimension is the batch, in the order they are looked for

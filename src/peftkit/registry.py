@@ -26,6 +26,10 @@ _BUILTIN_METHOD_MODULES: tuple[str, ...] = (
     "peftkit.methods.prompt_tuning",
     "peftkit.methods.p_tuning",
     "peftkit.methods.prefix_tuning",
+    "peftkit.methods.ia3",
+    "peftkit.methods.loha",
+    "peftkit.methods.lokr",
+    "peftkit.methods.adalora",
 )
 
 
@@ -57,6 +61,25 @@ class MethodSpec:
         prompt_encoder: prompt methods: ``(resolved config, word_embeddings or None) -> VirtualTokenEncoder``.
         prompt_routing: prompt methods: ``"embeddings"`` (prepended to the input embeddings) or ``"prefix"``
             (key/value prefix in every attention layer's cache).
+        supported_kinds: adapter methods: the module kinds of ``layers.dispatch.module_kind`` the method can wrap
+            (``"linear"``, ``"hf_conv1d"``, ``"embedding"``, ``"conv"``); None: all of them.
+        resolve_config: ``(config, model) -> {field: value}``: model-dependent config values (IA3's default
+            ``feedforward_modules``) used while planning and recorded in the stored copy; None: nothing to resolve.
+        additive: whether several active adapters add their updates (False for IA3, which multiplies its vectors).
+        convert_for_save: ``(config, tensors, initial_path) -> (config, tensors)``: what ``save_pretrained(
+            path_initial_model_for_weight_conversion=initial_path)`` writes instead of ``config`` / ``tensors``
+            (LoRA: PiSSA/OLoRA -> plain LoRA); None: the method does not support that conversion.
+        tuner_mixin: a class mixed into the method's named tuner class (extra tuner methods such as AdaLoRA's
+            ``update_and_allocate``); None: the generic tuner only.
+        loss_term: ``(tuner) -> tensor or None``: a term the tuner's forward adds to ``outputs.loss`` when the model
+            returns a loss (AdaLoRA's orthogonality regulariser); None: nothing added.
+        export_state: ``(model, config, adapter_name, tensors) -> tensors``: applied by ``get_peft_model_state_dict``
+            to the checkpoint tensors (keys relative to ``model``), e.g. AdaLoRA's slicing by ``rank_pattern``.
+        rank_field: the config field that sets the rank of new layers (AdaLoRA: ``init_r``; its ``r`` is unused).
+        pattern_fields: config fields holding ``{module-name regex: value}`` per-layer overrides; a key matching no
+            targeted module warns (AdaLoRA's ``rank_pattern`` is a record of surviving ranks, not such a field).
+        prepare_load: ``(model, config, adapter_name) -> None``: called by ``set_peft_model_state_dict`` before the
+            shapes are checked, with the model's stored config (AdaLoRA resizes its layers by ``rank_pattern``).
     """
 
     peft_type: PeftType
@@ -75,6 +98,18 @@ class MethodSpec:
     kind: str = "adapter"
     prompt_encoder: Callable[[PeftConfig, nn.Module | None], nn.Module] | None = None
     prompt_routing: str | None = None
+    resolve_config: Callable[[PeftConfig, nn.Module], dict[str, Any]] | None = None
+    additive: bool = True
+    supported_kinds: tuple[str, ...] | None = None
+    convert_for_save: Callable[[PeftConfig, dict[str, torch.Tensor], str],
+                               tuple[PeftConfig, dict[str, torch.Tensor]]] | None = None
+    tuner_mixin: type | None = None
+    loss_term: Callable[[nn.Module], torch.Tensor | None] | None = None
+    export_state: Callable[[nn.Module, PeftConfig, str, dict[str, torch.Tensor]],
+                           dict[str, torch.Tensor]] | None = None
+    prepare_load: Callable[[nn.Module, PeftConfig, str], None] | None = None
+    rank_field: str = "r"
+    pattern_fields: tuple[str, ...] = ("rank_pattern", "alpha_pattern")
 
 
 _REGISTRY: dict[PeftType, MethodSpec] = {}

@@ -41,3 +41,67 @@ def default_lora_targets(model_type: str | None) -> set[str] | str | None:
     if value is None or isinstance(value, str):
         return value
     return set(value)
+
+
+#: (IA)³ defaults: ``model_type -> (target_modules, feedforward_modules)``, the reference's table.
+IA3_TARGETS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    **{m: (("k_proj", "v_proj", "down_proj"), ("down_proj",)) for m in ("llama", "mistral")},
+    **{m: (("q_proj", "v_proj", "down_proj"), ("down_proj",)) for m in (
+        "llama4", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3",
+    )},
+    "mixtral": (("k_proj", "v_proj", "w2"), ("w2",)),
+    "t5": (("k", "v", "wo"), ("wo",)),
+    "mt5": (("k", "v", "wi_1"), ()),
+    **{m: (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)) for m in ("gpt2", "gpt_bigcode")},
+    "bloom": (("query_key_value", "mlp.dense_4h_to_h"), ("mlp.dense_4h_to_h",)),
+    **{m: (("query_key_value", "dense_4h_to_h"), ("dense_4h_to_h",)) for m in (
+        "gpt_neox", "falcon", "RefinedWeb", "RefinedWebModel",
+    )},
+    "opt": (("q_proj", "k_proj", "fc2"), ("fc2",)),
+    **{m: (("q_proj", "v_proj", "fc2"), ("fc2",)) for m in ("bart", "phi")},
+    "gptj": (("q_proj", "v_proj", "fc_out"), ("fc_out",)),
+    "gpt_neo": (("q_proj", "v_proj", "c_proj"), ("c_proj",)),
+    **{m: (("key", "value", "output.dense"), ("output.dense",)) for m in ("bert", "roberta")},
+    "deberta-v2": (("key_proj", "value_proj", "output.dense"), ("output.dense",)),
+    "deberta": (("in_proj", "output.dense"), ("output.dense",)),
+}
+
+
+def default_ia3_targets(model_type: str | None) -> set[str] | None:
+    """(IA)³'s default ``target_modules`` for ``model_type`` (None when unknown)."""
+    entry = IA3_TARGETS.get(model_type or "")
+    return None if entry is None else set(entry[0])
+
+
+def default_ia3_feedforward(model_type: str | None) -> set[str] | None:
+    """(IA)³'s default ``feedforward_modules`` for ``model_type`` (None when unknown)."""
+    entry = IA3_TARGETS.get(model_type or "")
+    return None if entry is None else set(entry[1])
+
+
+#: AdaLoRA defaults: the reference's table (T5 lists ``wi``, as the reference does, even though T5 v1.1 has
+#: ``wi_0`` / ``wi_1``).
+ADALORA_TARGETS: dict[str, tuple[str, ...] | str] = {
+    "t5": ("q", "k", "v", "o", "wi", "wo"),
+    "mt5": ("q", "k", "v", "o", "wi_0", "wi_1", "wo"),
+    **{m: ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2") for m in ("bart", "opt")},
+    **{m: ("c_attn",) for m in ("gpt2", "gpt_bigcode")},
+    **{m: ("query_key_value",) for m in ("bloom", "gpt_neox")},
+    **{m: _QV_PROJ for m in (
+        "gptj", "gpt_neo", "llama", "llama4", "gemma", "gemma2", "gemma3_text", "qwen2", "qwen3",
+    )},
+    "bert": ("query", "value"),
+    "roberta": ("query", "key", "value", "dense"),
+    "deberta-v2": ("query_proj", "key_proj", "value_proj", "dense"),
+    "deberta": ("in_proj",),
+    "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    "nemotron_h": ("q_proj", "k_proj", "v_proj", "o_proj"),
+}
+
+
+def default_adalora_targets(model_type: str | None) -> set[str] | str | None:
+    """AdaLoRA's default ``target_modules`` for ``model_type`` (a set, a regex str, or None when unknown)."""
+    value = ADALORA_TARGETS.get(model_type or "")
+    if value is None or isinstance(value, str):
+        return value
+    return set(value)

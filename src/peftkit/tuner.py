@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from .config import PeftConfig
@@ -19,6 +20,14 @@ from .injection.apply import AppliedPlan, apply_plan, rollback, set_submodule
 from .injection.plan import InjectionPlan, plan_injection
 from .layers.base import AdapterLayer
 from .layers.modules_to_save import ModulesToSaveWrapper
+from .quantization import (
+    QuantizedMergeReport,
+    QuantizedMergeWarning,
+    check_requantizable,
+    collect_merge_report,
+    dequantize_linears,
+    make_quantized_layers_trainable,
+)
 from .registry import MethodSpec, all_methods, get_method
 from .tuner_base import BASE_ROW, BaseTuner
 
@@ -30,7 +39,10 @@ class TunerModel(BaseTuner):
         model: the wrapped model.
         peft_config: ``{adapter_name: config}``; each config is peftkit's own copy with resolved targets.
         targeted_module_names: names of the modules holding adapter layers.
+        merge_report: what the last merge into quantized layers changed (None until there was one).
     """
+
+    merge_report: QuantizedMergeReport | None = None
 
     def __init__(
         self,
@@ -42,6 +54,7 @@ class TunerModel(BaseTuner):
         task_heads: Sequence[str] = (),
     ) -> None:
         super().__init__(model, task_heads)
+        self._loss_term: Any = None  # MethodSpec.loss_term of the method, set on injection
         configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
         for name, config in configs.items():
             self.inject_adapter(config, name, autocast_adapter_dtype=autocast_adapter_dtype)
@@ -49,7 +62,13 @@ class TunerModel(BaseTuner):
 
     # ------------------------------------------------------------------ forwarding
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+        """The model's forward; a method's ``loss_term`` (e.g. AdaLoRA's regulariser) is added to ``outputs.loss``."""
+        outputs = self.model(*args, **kwargs)
+        if self._loss_term is not None and isinstance(getattr(outputs, "loss", None), torch.Tensor):
+            term = self._loss_term(self)
+            if term is not None:
+                outputs.loss = outputs.loss + term
+        return outputs
 
     # ------------------------------------------------------------------ adapters
     def adapter_modules(self) -> Iterator[tuple[str, AdapterLayer | ModulesToSaveWrapper]]:
@@ -80,9 +99,11 @@ class TunerModel(BaseTuner):
         plan = plan_injection(self.model, config, adapter_name, method, self._task_heads)
         first = not self.peft_config
         applied = apply_plan(self.model, plan, config, method, autocast_adapter_dtype)
+        make_quantized_layers_trainable(self.model)  # e.g. bnb 4-bit CPU repacking would cut gradients off
         self.peft_config[adapter_name] = config.copy(**_resolved_fields(config, plan))
         self._trainable[adapter_name] = not config.inference_mode
         self.prefix = method.prefix
+        self._loss_term = method.loss_term
         self.targeted_module_names = sorted({*self.targeted_module_names, *(lp.name for lp in plan.layers)})
         if first:
             self.model.requires_grad_(False)
@@ -277,11 +298,23 @@ class TunerModel(BaseTuner):
         """
         self._check_mergeable(adapter_names)
         layers = list(self.adapter_layers())
+        for layer in layers:  # a quantized base that cannot be re-quantized refuses before anything is merged
+            if layer._adapters_to_merge(adapter_names, warn=False):
+                check_requantizable(layer.get_base_layer())
         if safe_merge:
             for layer in layers:
                 layer.check_merge(adapter_names)
         for layer in layers:
             layer.merge(adapter_names=adapter_names)
+        self._report_quantized_merge()
+
+    def _report_quantized_merge(self) -> None:
+        """Gather what merging into quantized layers changed (see ``peftkit.quantization.merge``): kept as
+        ``merge_report`` and shown as a :class:`~peftkit.quantization.QuantizedMergeWarning`."""
+        report = collect_merge_report([(n, m) for n, m in self.adapter_modules() if isinstance(m, AdapterLayer)])
+        if report is not None:
+            self.merge_report = report
+            warnings.warn(QuantizedMergeWarning(report), stacklevel=3)
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights."""
@@ -289,13 +322,22 @@ class TunerModel(BaseTuner):
             layer.unmerge()
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        dequantize: bool = False,
     ) -> nn.Module:
         """Merge (``adapter_names`` or the active adapters) and return the model without adapter layers.
 
-        ``modules_to_save`` wrappers are replaced by the active adapter's trained copy.
+        ``modules_to_save`` wrappers are replaced by the active adapter's trained copy. On a quantized base the
+        merge re-quantizes each merged layer (the rounding is reported, see ``merge_report``); with
+        ``dequantize=True`` every quantized linear is first replaced by a float32 ``nn.Linear`` holding its
+        dequantized weight, so the merge is exact and the result is a full-precision model.
         """
         self._check_mergeable(adapter_names)
+        if dequantize:
+            dequantize_linears(self.model)
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
         return self._unwrap(keep_trained_copies=True, progressbar=progressbar)
 
@@ -332,6 +374,7 @@ def _resolved_fields(config: PeftConfig, plan: InjectionPlan) -> dict[str, Any]:
     fields: dict[str, Any] = {
         "target_modules": plan.target_modules,
         "modules_to_save": list(plan.modules_to_save_names) if plan.modules_to_save_names else None,
+        **plan.config_fields,
     }
     if hasattr(config, "fan_in_fan_out") and all(lp.options.get("fan_in_fan_out") for lp in plan.layers):
         fields["fan_in_fan_out"] = True
@@ -358,7 +401,8 @@ def tuner_class(peft_type: object) -> type[TunerModel]:
             from .methods.prompt.tuner import PromptTuner
 
             base = PromptTuner
-        _TUNER_CLASSES[spec.tuner_name] = type(spec.tuner_name, (base,), {"__module__": __name__})
+        bases = (base,) if spec.tuner_mixin is None else (spec.tuner_mixin, base)
+        _TUNER_CLASSES[spec.tuner_name] = type(spec.tuner_name, bases, {"__module__": __name__})
     return _TUNER_CLASSES[spec.tuner_name]
 
 

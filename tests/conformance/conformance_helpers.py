@@ -79,9 +79,30 @@ ALL_CONFIGS = _method_configs(first_only=False)
 FIRST_CONFIGS = _method_configs(first_only=True)
 
 
+#: module kinds (``peftkit.layers.dispatch.module_kind``) of each case's target modules; unlisted cases: linear only.
+#: Methods with ``MethodSpec.supported_kinds`` run only on the cases whose kinds they all support (checked against
+#: the built models by tests/test_loha_lokr.py).
+CASE_TARGET_KINDS: dict[str, frozenset[str]] = {
+    "gpt2-causal": frozenset({"hf_conv1d"}),
+    "custom-emb": frozenset({"embedding"}),
+    "custom-conv2d": frozenset({"conv"}),
+    "custom-conv1d": frozenset({"conv"}),
+}
+
+
+def case_kinds(case: TaskCase) -> frozenset[str]:
+    return CASE_TARGET_KINDS.get(case.name, frozenset({"linear"}))
+
+
+def supports(spec: MethodSpec, case: TaskCase) -> bool:
+    """Can ``spec`` wrap every target module of ``case`` (``MethodSpec.supported_kinds``)?"""
+    return spec.supported_kinds is None or case_kinds(case) <= set(spec.supported_kinds)
+
+
 def _product(configs: list[MethodConfig], cases: Iterable[TaskCase]) -> list[Any]:
     cases = list(cases)
-    return [pytest.param(mc, case, id=f"{mc.id}-{case.name}") for mc in configs for case in cases]
+    return [pytest.param(mc, case, id=f"{mc.id}-{case.name}") for mc in configs for case in cases
+            if supports(mc.spec, case)]
 
 
 #: every example config of every method x every model case (cheap properties)

@@ -183,22 +183,24 @@ def test_load_tensor_with_wrong_shape_raises(mc: MethodConfig, case: TaskCase, t
     _assert_load_fails(mc, case, path, ShapeMismatchError, key)
 
 
-@pytest.mark.parametrize("mc, case", [p for p in FIRST if config_has_field(p.values[0].spec, "r")])
+@pytest.mark.parametrize("mc, case", [p for p in FIRST
+                                     if config_has_field(p.values[0].spec, p.values[0].spec.rank_field)])
 def test_load_checkpoint_with_other_r_raises(mc: MethodConfig, case: TaskCase, tmp_path: Path) -> None:
     """A checkpoint saved with rank r loaded into rank 2r: ShapeMismatchError; base / wrapped model unchanged."""
     path = _saved(mc, case, tmp_path)
-    r = mc.field("r")
+    field = mc.spec.rank_field  # "r", or AdaLoRA's "init_r"
+    r = mc.field(field)
     base = base_model(case)
     before = snapshot(base, case)
     with pytest.raises(ShapeMismatchError, match="mismatch") as info:
-        PeftModel.from_pretrained(base, path, config=mc.observable(case, r=2 * r))
+        PeftModel.from_pretrained(base, path, config=mc.observable(case, **{field: 2 * r}))
     assert isinstance(info.value, AdapterLoadError) and isinstance(info.value, ValueError)
     assert_unchanged(base, case, before)
 
     config_file = path / "adapter_config.json"
     saved = json.loads(config_file.read_text())
-    assert saved["r"] == r
-    config_file.write_text(json.dumps({**saved, "r": 2 * r}))
+    assert saved[field] == r
+    config_file.write_text(json.dumps({**saved, field: 2 * r}))
     model = wrap(case, mc.observable(case), seed=1)
     before = snapshot(model, case)
     with pytest.raises(ShapeMismatchError, match="mismatch"):

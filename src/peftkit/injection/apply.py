@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -12,6 +15,49 @@ from ..layers.base import AdapterLayer
 from ..layers.modules_to_save import ModulesToSaveWrapper
 from ..registry import MethodSpec
 from .plan import InjectionPlan
+
+#: while loading: ``{data_ptr: tensor}`` of adapter tensors left uninitialised because a checkpoint fills them
+_PENDING: ContextVar[dict[int, torch.Tensor] | None] = ContextVar("peftkit_pending_init", default=None)
+
+
+@contextmanager
+def weights_follow() -> Iterator[None]:
+    """While active, adapter layers may leave adapter tensors uninitialised (:func:`defer_init`) because a checkpoint
+    overwrites them right after injection (``from_pretrained`` / ``load_adapter``). Loading reports each tensor it
+    writes (:func:`mark_loaded`); on exit every tensor still pending (missing from the checkpoint) is zeroed, so no
+    uninitialised memory survives. Inits that change the base weights (PiSSA, OLoRA) must still run."""
+    pending: dict[int, torch.Tensor] = {}
+    token = _PENDING.set(pending)
+    try:
+        yield
+    finally:
+        _PENDING.reset(token)
+        with torch.no_grad():
+            for tensor in pending.values():
+                if not tensor.is_meta:
+                    tensor.zero_()
+
+
+def skip_random_init() -> bool:
+    """True inside :func:`weights_follow`: adapter tensors will be overwritten by loaded weights."""
+    return _PENDING.get() is not None
+
+
+def defer_init(tensors: Iterable[torch.Tensor]) -> None:
+    """Record uninitialised adapter tensors inside :func:`weights_follow` (zeroed on exit unless loaded)."""
+    pending = _PENDING.get()
+    if pending is None:
+        raise RuntimeError("defer_init() outside weights_follow(): adapter tensors would stay uninitialised")
+    for tensor in tensors:
+        if not tensor.is_meta and tensor.numel():
+            pending[tensor.data_ptr()] = tensor
+
+
+def mark_loaded(tensor: torch.Tensor) -> None:
+    """Tell :func:`weights_follow` that ``tensor`` (an adapter tensor or a detached view of it) is being fully written."""
+    pending = _PENDING.get()
+    if pending and not tensor.is_meta and tensor.numel():
+        pending.pop(tensor.data_ptr(), None)
 
 
 @dataclass

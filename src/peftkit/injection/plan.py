@@ -47,6 +47,8 @@ class InjectionPlan:
     modules_to_save: tuple[str, ...]
     target_modules: set[str] | str
     modules_to_save_names: tuple[str, ...] | None
+    #: model-dependent config values from ``MethodSpec.resolve_config`` (recorded in the stored config copy)
+    config_fields: dict[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
         lines = [f"adapter {self.adapter_name!r}: {len(self.layers)} layers"]
@@ -82,6 +84,9 @@ def plan_injection(
         UnsupportedModuleError: a matched module has a type the method has no layer for.
     """
     method.check_config(config, model)
+    config_fields = method.resolve_config(config, model) if method.resolve_config is not None else {}
+    if config_fields:
+        config = config.copy(**config_fields)
     modules = list(candidate_modules(model))
     targets = _resolve_targets(model, config, modules, method)
     save_entries = list(dict.fromkeys([*(getattr(config, "modules_to_save", None) or []), *task_heads]))
@@ -100,7 +105,7 @@ def plan_injection(
         layers.append(LayerPlan(name, method.layer_options(name, module, config)))
     if not layers:
         _raise_no_match(targets, config, modules, excluded, other_layers)
-    _warn_unused_patterns(config, [layer.name for layer in layers])
+    _warn_unused_patterns(config, [layer.name for layer in layers], method.pattern_fields)
     saved = _resolve_modules_to_save(modules, save_entries, task_heads)
     return InjectionPlan(
         adapter_name=adapter_name,
@@ -108,6 +113,7 @@ def plan_injection(
         modules_to_save=tuple(saved),
         target_modules=targets,
         modules_to_save_names=tuple(save_entries) if save_entries else None,
+        config_fields=config_fields,
     )
 
 
@@ -200,8 +206,8 @@ def _raise_no_match(
     )
 
 
-def _warn_unused_patterns(config: PeftConfig, names: list[str]) -> None:
-    for field_name in ("rank_pattern", "alpha_pattern"):
+def _warn_unused_patterns(config: PeftConfig, names: list[str], fields: tuple[str, ...]) -> None:
+    for field_name in fields:
         patterns = getattr(config, field_name, None) or {}
         for key in patterns:
             if not any(matches(rf"(.*\.)?({key})", n) for n in names):

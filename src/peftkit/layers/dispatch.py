@@ -6,9 +6,13 @@ import sys
 
 from torch import nn
 
+from ..quantization.backends import is_quantized
 from .base import AdapterLayer
 
 LINEAR, HF_CONV1D, EMBEDDING, CONV = "linear", "hf_conv1d", "embedding", "conv"
+#: a linear layer whose weight is stored quantized (bitsandbytes 8-bit / 4-bit, torchao): methods that list this kind
+#: read and write its weight through ``peftkit.quantization`` (``dense_weight`` / ``write_dense_weight``)
+QUANT_LINEAR = "quant_linear"
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -22,11 +26,12 @@ def is_hf_conv1d(module: nn.Module) -> bool:
 
 
 def module_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"hf_conv1d"``, ``"embedding"``, ``"conv"`` or None, looking through adapter wrappers."""
+    """``"linear"``, ``"quant_linear"``, ``"hf_conv1d"``, ``"embedding"``, ``"conv"`` or None, looking through
+    adapter wrappers."""
     while isinstance(module, AdapterLayer):
         module = module.base_layer
     if isinstance(module, nn.Linear):
-        return LINEAR
+        return QUANT_LINEAR if is_quantized(module) else LINEAR
     if is_hf_conv1d(module):
         return HF_CONV1D
     if isinstance(module, nn.Embedding):
@@ -37,8 +42,8 @@ def module_kind(module: nn.Module) -> str | None:
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """Linear layers for ``target_modules="all-linear"``: ``nn.Linear`` and transformers' ``Conv1D``."""
-    return module_kind(module) in (LINEAR, HF_CONV1D)
+    """Linear layers for ``target_modules="all-linear"``: ``nn.Linear`` (quantized too) and transformers' ``Conv1D``."""
+    return module_kind(module) in (LINEAR, QUANT_LINEAR, HF_CONV1D)
 
 
 #: base-layer types whose forward output no autograd node saves, so adapters may add into it in place

@@ -22,14 +22,16 @@ def lowrank_update_reference(
     return (result + delta * scaling).to(result.dtype)
 
 
-def can_update_inplace(result: torch.Tensor, A: torch.Tensor) -> bool:
+def can_update_inplace(result: torch.Tensor, A: torch.Tensor | torch.dtype) -> bool:
     """Whether :func:`add_lowrank_` may write into ``result``.
 
-    Requires the same dtype (a mixed-precision adapter adds in its own precision, out of place, like the
+    ``A`` is the adapter weight (or just the dtype the update is computed in). Requires the same dtype (a
+    mixed-precision adapter adds in its own precision, out of place, like the
     reference), a contiguous result, and not a leaf that requires grad. The caller guarantees that no autograd
     node saved ``result`` (true for the outputs of linear, conv and embedding layers).
     """
-    if result.dtype != A.dtype or not result.is_contiguous():
+    dtype = A if isinstance(A, torch.dtype) else A.dtype
+    if result.dtype != dtype or not result.is_contiguous():
         return False
     if result.requires_grad and result.is_leaf:
         return False

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
+import sys
 from typing import Any
 
 import torch
@@ -69,12 +72,86 @@ def load_peft_weights(
 
 
 def _read_safetensors(path: str, device: str) -> dict[str, torch.Tensor]:
+    """The file's tensors, owned by the caller: never views of a memory map of the file (which another writer
+    could change), so a loader may adopt them as parameters without copying."""
     from safetensors.torch import load_file
 
+    if torch.device(device).type == "cpu":
+        tensors = _read_whole_file(path)
+        if tensors is not None:
+            return tensors
     try:
-        return load_file(path, device=device)
+        loaded = load_file(path, device=device)
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
         raise AdapterLoadError(f"cannot read adapter weights {path!r} (truncated or corrupt?): {exc}") from exc
+    return {k: v.clone() for k, v in loaded.items()} if torch.device(device).type == "cpu" else loaded
+
+
+#: safetensors dtype names -> torch dtypes read by :func:`_read_whole_file` (others go through ``load_file``)
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+
+def _read_whole_file(path: str) -> dict[str, torch.Tensor] | None:
+    """Read a little-endian safetensors file straight into one fresh tensor per entry (``readinto``: one copy, no
+    memory map, no storage shared between tensors). None when the file is anything but plain and consistent
+    (unknown dtype, overlapping or out-of-range offsets, a short read, a big-endian host): ``load_file`` then reads
+    it and reports errors."""
+    if sys.byteorder != "little":
+        return None
+    size = os.path.getsize(path)
+    with open(path, "rb", buffering=0) as f:
+        head = f.read(8)
+        if len(head) != 8:
+            return None
+        start = 8 + int.from_bytes(head, "little")
+        if start > size:
+            return None
+        try:
+            header = json.loads(f.read(start - 8))
+        except ValueError:
+            return None
+        if not isinstance(header, dict):
+            return None
+        specs = {}
+        for key, info in header.items():
+            if key != "__metadata__":
+                spec = _tensor_spec(info, size - start)
+                if spec is None:
+                    return None
+                specs[key] = spec
+        spans = sorted((begin, end) for _, _, begin, end in specs.values())
+        if any(a[1] > b[0] for a, b in itertools.pairwise(spans)) or (spans[-1][1] if spans else 0) != size - start:
+            return None
+        tensors: dict[str, torch.Tensor] = {}
+        for key, (dtype, shape, begin, end) in specs.items():
+            tensor = torch.empty(shape, dtype=dtype)
+            if end > begin:
+                f.seek(start + begin)
+                if f.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != end - begin:
+                    return None
+            tensors[key] = tensor
+    return tensors
+
+
+def _tensor_spec(info: object, data_len: int) -> tuple[torch.dtype, list[int], int, int] | None:
+    """``(dtype, shape, begin, end)`` of one header entry, None if it is malformed or out of range."""
+    if not isinstance(info, dict):
+        return None
+    dtype = _ST_DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if dtype is None or not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
+        return None
+    if not all(isinstance(d, int) and d >= 0 for d in shape) or not all(isinstance(o, int) for o in offsets):
+        return None
+    begin, end = offsets
+    numel = 1
+    for d in shape:
+        numel *= d
+    if not 0 <= begin <= end <= data_len or end - begin != numel * dtype.itemsize:
+        return None
+    return dtype, shape, begin, end
 
 
 def _read_bin(path: str, device: str | torch.device) -> dict[str, torch.Tensor]:

@@ -43,3 +43,38 @@ def write_model_card(directory: str, text: str) -> None:
     path = os.path.join(directory, "README.md")
     if not os.path.exists(path):
         atomic_write_text(path, text)
+
+
+def card_for_hub(text: str, tags: list[str] | None = None) -> str:
+    """The model card ``text`` made ready for upload: ``tags`` merged into the header's ``tags`` list, and a
+    ``base_model`` that is a local path (which the Hub rejects as metadata) dropped with its ``base_model:`` tag.
+
+    A card without a YAML header (a user's own) gets a header holding only ``library_name: peft`` and the tags.
+    """
+    if not text.startswith("---\n") or "\n---\n" not in text[4:]:
+        text = "---\nlibrary_name: peft\n---\n" + text
+    header, body = text[4:].split("\n---\n", 1)
+    kept: list[str] = []
+    found: list[str] = []
+    in_tags = False
+    local_base = False
+    for line in header.splitlines():
+        if line.startswith("base_model:"):
+            base = line.split(":", 1)[1].strip()
+            local_base = os.path.isabs(base) or base.startswith((".", "~")) or os.path.exists(base)
+            if local_base:
+                continue
+        if line == "tags:":
+            in_tags = True
+            continue
+        if in_tags and line.startswith("- "):
+            found.append(line[2:].strip())
+            continue
+        in_tags = False
+        kept.append(line)
+    merged = set(found) | set(tags or ())
+    if local_base:
+        merged = {t for t in merged if not t.startswith("base_model:")}
+    if merged:
+        kept += ["tags:", *[f"- {tag}" for tag in sorted(merged)]]
+    return "---\n" + "\n".join(kept) + "\n---\n" + body

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -16,9 +17,11 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ..errors import AdapterLoadError, AdapterNotFoundError, PeftWarning, ShapeMismatchError, closest_names
+from ..injection.apply import mark_loaded
 from ..layers.base import AdapterLayer
 from ..layers.modules_to_save import ModulesToSaveWrapper
 from ..layers.prompt import PromptEncoderDict
+from ..registry import get_method
 
 WRAPPER_PREFIX = "base_model.model."
 TensorMap = dict[str, tuple[str, torch.Tensor]]
@@ -50,20 +53,15 @@ def adapter_tensor_map(model: nn.Module, adapter_name: str) -> TensorMap:
         raise AdapterNotFoundError(adapter_name, configs)
     bias = getattr(configs[adapter_name], "bias", "none")
     result: TensorMap = {}
-    inside: list[str] = []
     aliases: list[tuple[str, str]] = []
-    for path, module in model.named_modules():
-        if any(path.startswith(p) for p in inside):
-            continue
+    for path, module in walk_modules(model, (PromptEncoderDict, AdapterLayer, ModulesToSaveWrapper)):
         child = getattr(type(module), "checkpoint_transparent_child", None)
         if child is not None:
             aliases.append((f"{path}.{child}." if path else f"{child}.", f"{path}." if path else ""))
         if isinstance(module, PromptEncoderDict):
-            inside.append(path + ".")
             for saved, (mem, tensor) in module.adapter_state(adapter_name).items():
                 result[saved] = (None if mem is None else f"{path}.{mem}", tensor)  # type: ignore[assignment]
         elif isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
-            inside.append(path + ".")
             saved_path = _alias(path + ".", aliases)
             for saved, (mem, tensor) in module.adapter_state(adapter_name).items():
                 result[f"{saved_path}{saved}"] = (f"{path}.{mem}", tensor)
@@ -73,16 +71,43 @@ def adapter_tensor_map(model: nn.Module, adapter_name: str) -> TensorMap:
                     key = f"{path}.{_base_layer_path(module)}.bias"
                     result[key] = (key, base_bias)
     if bias == "all":
+        taken = {m for m, _ in result.values()}
         for name, param in model.named_parameters():
-            if name.endswith(".bias") and name not in {m for m, _ in result.values()} and _outside_internals(name):
+            if name.endswith(".bias") and name not in taken and _outside_internals(name):
                 result[name] = (name, param)
     return result
 
 
+def walk_modules(model: nn.Module, leaves: tuple[type, ...]) -> Iterator[tuple[str, nn.Module]]:
+    """``model.named_modules()`` (same order, each module once) except that modules of the ``leaves`` types are
+    yielded but not descended into: one linear walk instead of re-checking every name against every adapter."""
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        path, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield path, module
+        if isinstance(module, leaves):
+            continue
+        prefix = path + "." if path else ""
+        children = [(prefix + name, child) for name, child in module._modules.items() if child is not None]
+        stack.extend(reversed(children))
+
+
+#: path segments that FSDP1 and torch's activation-checkpoint wrappers insert; never part of a checkpoint key
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
 def _alias(path: str, aliases: list[tuple[str, str]]) -> str:
+    """The checkpoint path of the module at ``path`` (aliases applied, wrapper segments removed)."""
     for mem_prefix, saved_prefix in aliases:
         if path.startswith(mem_prefix):
-            return saved_prefix + path[len(mem_prefix):]
+            path = saved_prefix + path[len(mem_prefix):]
+            break
+    for segment in _WRAPPER_SEGMENTS:
+        path = path.replace(segment, "")
     return path
 
 
@@ -106,13 +131,36 @@ def embedding_tensor_map(model: nn.Module) -> TensorMap:
     """The full input and output embedding matrices (saved when the vocabulary was resized)."""
     model = _unwrap_compiled(model)
     result: TensorMap = {}
-    for name, module in model.named_modules():
+    for name, module in walk_modules(model, (AdapterLayer, ModulesToSaveWrapper)):
         target = module.get_base_layer() if isinstance(module, AdapterLayer) else module
         if not isinstance(target, nn.Embedding) or any(n in name for n in ("modules_to_save", "original_module")):
             continue
         key = f"{name}.{_base_layer_path(module)}.weight" if isinstance(module, AdapterLayer) else f"{name}.weight"
         result[key] = (key, target.weight)
+    result.update(_output_embedding_map(model, result))
     return result
+
+
+def _output_embedding_map(model: nn.Module, inputs: TensorMap) -> TensorMap:
+    """The untied output embedding (``lm_head``, an ``nn.Linear`` resized with the vocabulary), as the reference saves
+    it; nothing when the model has none or it shares its weight with an input embedding."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    try:
+        output = get_output() if callable(get_output) else None
+    except (AttributeError, NotImplementedError):
+        output = None
+    if output is None:
+        return {}
+    for name, module in model.named_modules():
+        if module is not output or any(n in name for n in ("modules_to_save", "original_module")):
+            continue
+        target = module.get_base_layer() if isinstance(module, AdapterLayer) else module
+        weight = getattr(target, "weight", None)
+        if not isinstance(weight, torch.Tensor) or any(weight is t for _, t in inputs.values()):
+            return {}
+        key = f"{name}.{_base_layer_path(module)}.weight" if isinstance(module, AdapterLayer) else f"{name}.weight"
+        return {key: (key, weight)}
+    return {}
 
 
 def get_peft_model_state_dict(
@@ -136,7 +184,9 @@ def get_peft_model_state_dict(
     for saved, (mem, tensor) in mapping.items():
         value = state_dict.get(mem, tensor) if state_dict is not None else tensor
         out[saved] = value.detach()
-    return out
+    config = _configs(_unwrap_compiled(model))[adapter_name]
+    export = get_method(config.peft_type).export_state
+    return out if export is None else export(_unwrap_compiled(model), config, adapter_name, out)
 
 
 def _strip(key: str) -> str:
@@ -163,6 +213,7 @@ def set_peft_model_state_dict(
     ignore_mismatched_sizes: bool = False,
     low_cpu_mem_usage: bool = False,
     key_mapping: dict[str, str] | None = None,
+    assign: bool = False,
 ) -> _IncompatibleKeys:
     """Load checkpoint tensors into adapter ``adapter_name``; returns ``(missing_keys, unexpected_keys)``.
 
@@ -170,9 +221,18 @@ def set_peft_model_state_dict(
     anything is written: a mismatch raises :class:`ShapeMismatchError` (or, with ``ignore_mismatched_sizes``, the
     tensor is skipped with a warning) and the model is left unchanged. A checkpoint none of whose keys belongs to
     this adapter raises :class:`AdapterLoadError` instead of loading nothing silently. Embedding matrices saved
-    beside the adapter (resized vocabularies) are loaded into the base embeddings.
+    beside the adapter (resized vocabularies) are loaded into the base embeddings. A method's ``prepare_load`` hook
+    runs first (AdaLoRA resizes its layers to the stored config's ``rank_pattern``, as the reference does).
+
+    ``assign=True`` (for tensors nobody else holds, e.g. just read by ``load_peft_weights``, whose tensors never map
+    the file) lets a parameter take a checkpoint tensor's storage instead of copying it where the layout allows:
+    same dtype, device and strides, contiguous; the parameter itself is not a view.
     """
     model = _unwrap_compiled(model)
+    config = _configs(model).get(adapter_name)
+    prepare = get_method(config.peft_type).prepare_load if config is not None else None
+    if prepare is not None:
+        prepare(model, config, adapter_name)
     expected = {_strip(k): v for k, v in adapter_tensor_map(model, adapter_name).items()}
     embeddings = {_strip(k): v for k, v in embedding_tensor_map(model).items()}
     incoming = _apply_key_mapping(list(peft_model_state_dict), key_mapping)
@@ -208,16 +268,31 @@ def set_peft_model_state_dict(
             f"(e.g. {incoming[sample]!r}; closest model keys: {closest_names(sample, expected)}). The checkpoint was "
             "probably made for a different model or module naming; pass key_mapping to translate its keys."
         )
-    _copy(plan, low_cpu_mem_usage)
+    _copy(plan, assign)
     present = set(incoming)
     missing = [mem or norm for norm, (mem, _) in expected.items() if norm not in present]
     return _IncompatibleKeys(missing_keys=missing, unexpected_keys=unexpected)
 
 
-def _copy(plan: list[tuple[torch.Tensor, torch.Tensor]], low_cpu_mem_usage: bool) -> None:
+def _copy(plan: list[tuple[torch.Tensor, torch.Tensor]], assign: bool) -> None:
+    """Write each checkpoint ``value`` into its ``target`` (same shape): meta targets and, with ``assign``, targets
+    that can share the value (:func:`_can_assign`) take it as their data; others are copied into."""
     with torch.no_grad():
         for target, value in plan:
+            mark_loaded(target)
             if target.is_meta:
                 target.data = value.to(dtype=target.dtype)
+            elif assign and _can_assign(target, value):
+                target.data = value
             else:
                 target.copy_(value)
+
+
+def _can_assign(target: torch.Tensor, value: torch.Tensor) -> bool:
+    """A parameter may take ``value``'s storage when nothing would notice: same dtype, device and strides, a leaf
+    that is not a view, and ``value`` a plain dense tensor without autograd history (the caller of ``assign=True``
+    guarantees nobody else holds it, e.g. :func:`~peftkit.serialization.files.load_peft_weights`' own buffer)."""
+    return (isinstance(target, nn.Parameter) and target._base is None
+            and type(value) is torch.Tensor and not value.requires_grad and value.layout == torch.strided
+            and value.dtype == target.dtype and value.device == target.device
+            and value.stride() == target.stride() and value.is_contiguous())

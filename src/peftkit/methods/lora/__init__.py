@@ -10,20 +10,22 @@ from torch import nn
 from ...config import PeftConfig
 from ...errors import ConfigError, UnsupportedModuleError
 from ...injection.match import pattern_value
-from ...layers.dispatch import CONV, EMBEDDING, HF_CONV1D, LINEAR, module_kind
+from ...layers.dispatch import CONV, EMBEDDING, HF_CONV1D, LINEAR, QUANT_LINEAR, module_kind
 from ...registry import MethodSpec, register_method
 from ...target_tables import default_lora_targets
 from ...types import PeftType
 from .combine import add_weighted_adapter
 from .config import LoraConfig
-from .init import SUPPORTED_INITS
+from .convert import convert_to_lora
+from .init import SUPPORTED_INITS, is_supported_init, uses_base_weight
 from .layers import Conv, Embedding, Linear, LoraLayer
+from .quantized import QuantLinear
 
-_LAYER_CLASSES: dict[str, type[LoraLayer]] = {LINEAR: Linear, HF_CONV1D: Linear, EMBEDDING: Embedding, CONV: Conv}
+_LAYER_CLASSES: dict[str, type[LoraLayer]] = {LINEAR: Linear, HF_CONV1D: Linear, EMBEDDING: Embedding, CONV: Conv,
+                                              QUANT_LINEAR: QuantLinear}
 
 #: config fields peftkit accepts (for file compatibility) but does not implement yet, with their inert values
 _NOT_YET: dict[str, tuple[object, ...]] = {
-    "use_dora": (False,),
     "trainable_token_indices": (None,),
     "target_parameters": (None, []),
     "layer_replication": (None,),
@@ -57,6 +59,10 @@ def _layer_options(name: str, module: nn.Module, config: PeftConfig) -> dict[str
                                      "LoRA supports groups=1 only")
     if isinstance(module, nn.Module) and hasattr(module, "adapter_layer_names") and not isinstance(module, LoraLayer):
         raise UnsupportedModuleError(f"module {name!r} already holds adapters of another method")
+    if uses_base_weight(config.init_lora_weights) and kind not in (LINEAR, HF_CONV1D):
+        raise ConfigError("init_lora_weights", config.init_lora_weights,
+                          f"PiSSA/OLoRA initialise nn.Linear and Conv1D layers only; target {name!r} is a "
+                          f"{type(base).__name__}. Exclude it from target_modules or use another init")
     return {
         "kind": kind,
         "r": pattern_value(config.rank_pattern, name, config.r),
@@ -80,6 +86,7 @@ def _create_layer(
         init_lora_weights=config.init_lora_weights,
         use_rslora=config.use_rslora,
         lora_bias=config.lora_bias,
+        use_dora=config.use_dora,
         dtype=dtype,
     )
     return layer
@@ -92,7 +99,7 @@ def _check_config(config: PeftConfig, model: nn.Module) -> None:
         value = getattr(config, name)
         if not any(value is v or value == v for v in inert):
             raise ConfigError(name, value, f"peftkit does not implement {name} yet; allowed: {inert[0]!r}")
-    if config.init_lora_weights not in SUPPORTED_INITS:
+    if not is_supported_init(config.init_lora_weights):
         raise ConfigError("init_lora_weights", config.init_lora_weights,
                           f"peftkit implements {list(SUPPORTED_INITS)} so far")
 
@@ -114,9 +121,11 @@ LORA = register_method(
             {"r": 4, "lora_alpha": 16, "use_rslora": True, "lora_dropout": 0.1},
             {"r": 2, "lora_alpha": 4, "init_lora_weights": "gaussian", "bias": "lora_only"},
             {"r": 4, "lora_alpha": 8, "bias": "all", "lora_bias": False},
+            {"r": 4, "lora_alpha": 8, "use_dora": True, "lora_dropout": 0.1},
         ),
         non_identity_kwargs={"init_lora_weights": False},
         combine=add_weighted_adapter,
+        convert_for_save=convert_to_lora,
     )
 )
 

@@ -51,5 +51,70 @@ def init_embedding_(A: torch.Tensor, B: torch.Tensor, mode: bool | str) -> None:
         B.normal_()
 
 
-#: the ``init_lora_weights`` values peftkit implements today
-SUPPORTED_INITS = tuple(_LINEAR_INITS)
+# ---------------------------------------------------------------------------------------------- base-weight inits
+# PiSSA and OLoRA derive A and B from the base weight W: (out, in) (float32) and return the residual
+# W - scaling * B @ A that replaces W, so the layer output is unchanged at init.
+
+def _pissa(weight: torch.Tensor, r: int, scaling: float, niter: int | None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PiSSA: the top-``r`` SVD ``W ≈ U S V^T``; ``A = sqrt(S/s) V^T: (r, in)``, ``B = U sqrt(S/s): (out, r)``.
+    ``niter`` given: randomized ``torch.svd_lowrank(W, r, niter)`` instead of the full SVD."""
+    if niter is None:
+        U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
+        U, S, Vh = U[:, :r], S[:r], Vh[:r]
+    else:
+        U, S, V = torch.svd_lowrank(weight, r, niter=niter)
+        Vh = V.t()
+    root = torch.sqrt(S / scaling)
+    A = torch.diag(root) @ Vh
+    B = U @ torch.diag(root)
+    return A, B, weight - scaling * B @ A
+
+
+def _olora(weight: torch.Tensor, r: int, scaling: float, niter: int | None
+           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OLoRA: ``W = Q R`` (reduced QR); ``B = Q[:, :r]: (out, r)``, ``A = R[:r]: (r, in)``."""
+    Q, R = torch.linalg.qr(weight)
+    A, B = R[:r].contiguous(), Q[:, :r].contiguous()
+    return A, B, weight - scaling * B @ A
+
+
+_WEIGHT_INITS: dict[str, Callable[[torch.Tensor, int, float, int | None],
+                                  tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {
+    "pissa": _pissa,
+    "pissa_niter": _pissa,
+    "olora": _olora,
+}
+
+
+def _weight_init_key(mode: object) -> tuple[str, int | None] | None:
+    """``"pissa"`` -> ``("pissa", None)``, ``"pissa_niter_4"`` -> ``("pissa_niter", 4)``, ``"olora"`` ->
+    ``("olora", None)``; None for inits that do not use the base weight."""
+    if not isinstance(mode, str):
+        return None
+    head, sep, tail = mode.rpartition("_")
+    if sep and head == "pissa_niter" and tail.isdigit():
+        return head, int(tail)
+    return (mode, None) if mode in _WEIGHT_INITS and mode != "pissa_niter" else None
+
+
+def uses_base_weight(mode: object) -> bool:
+    """Does ``init_lora_weights=mode`` derive the adapter from (and modify) the base weight?"""
+    return _weight_init_key(mode) is not None
+
+
+def init_from_weight(weight: torch.Tensor, mode: str, r: int, scaling: float
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A: (r, in), B: (out, r), residual: (out, in))`` for PiSSA / OLoRA from ``weight: (out, in)`` (float32)."""
+    key = _weight_init_key(mode)
+    assert key is not None
+    return _WEIGHT_INITS[key[0]](weight, r, scaling, key[1])
+
+
+#: the ``init_lora_weights`` values peftkit implements today (plus ``pissa_niter_<k>``)
+SUPPORTED_INITS = (*_LINEAR_INITS, "pissa", "olora")
+
+
+def is_supported_init(mode: object) -> bool:
+    """Is ``init_lora_weights=mode`` implemented by peftkit?"""
+    return any(mode is m or (isinstance(mode, str) and mode == m) for m in _LINEAR_INITS) or uses_base_weight(mode)

@@ -1,0 +1,924 @@
+"""peftkit against the reference (🤗 PEFT 0.21.2), side by side in one run: train, generate, mixed, inject, io,
+import, merge. Prints a table per case and a summary of the performance issue's "Done when" ratios.
+
+How to run (from the repo root, with the project venv)::
+
+    .venv/bin/python bench/run.py                                  # everything, both libraries (~30-40 min)
+    .venv/bin/python bench/run.py --cases train,generate --json out.json
+    .venv/bin/python bench/run.py --lib peftkit --cases inject,io  # one library (no cross-library ratios)
+    .venv/bin/python bench/run.py --quick --json quick.json        # tiny shapes, 1 rep (CI smoke test, < 1 min)
+
+Method (PERF_BASELINE.md; generic parts in ``harness.py``): every (case, library[, variant]) runs in a fresh
+subprocess with 1 torch thread, so its peak RSS (VmHWM after a ``clear_refs`` reset) is its own; variants inside a
+subprocess are interleaved per repetition after a warm-up; the compared subprocesses of a case run back to back in
+rounds, the order reversed every other round (ABBA); times are process CPU time (primary) and wall time; every
+ratio is a median of ratios measured side by side (per repetition inside a process, per round across processes).
+``--quick`` runs all tasks of a library in one subprocess (start-up dominates tiny shapes), so its RSS numbers
+are not clean; it exists to show that every case runs. Nothing here asserts on timings.
+
+Cases (98M = Llama-style h768/ff2048/12 layers/12 heads/vocab 8192; LoRA r=16, alpha=32 on q,k,v,o,gate,up,down):
+
+- ``train``: batch 4x256, loss on the inputs, AdamW on the trainable parameters, ``use_cache=False``. Variants:
+  ``floor`` (frozen base, ``enable_input_require_grads``, no adapter, no optimizer), ``manual`` (hand-written
+  plain-torch LoRA accumulating into the base output in place with ``addmm_``), ``full`` (full fine-tuning),
+  per library ``d0`` / ``d0.1`` (lora_dropout 0 / 0.1) and ``bf16`` (dropout 0 under CPU bf16 autocast, against
+  ``floor_bf16``). Step time split into forward / backward / optimizer, peak RSS, RSS growth during training,
+  bytes saved for backward (``saved_tensors_hooks``, unique storages, parameters excluded). Gradient check (``d0``
+  and ``manual``): with random non-zero B, the LoRA A/B gradients on a 1x32 batch against a plain out-of-place
+  LoRA with the same weights on a fresh copy of the base.
+- ``generate``: batch 1, greedy, 64 new tokens after a 32-token prompt: ``base`` (unwrapped model), ``unmerged``
+  adapter, ``merged`` (``merge_and_unload``), ``disabled`` (inside ``disable_adapter()``); tokens/s, ratio to base.
+- ``mixed``: ``mixed_batch.py``'s per-row adapter routing (58M model, N adapters; see that file).
+- ``inject``: ``get_peft_model`` on the 1.1B TinyLlama-shape model on the meta device and on the real 98M model,
+  against a plain loop creating the same A/B tensors (floor).
+- ``io``: ``save_pretrained`` vs raw ``safetensors.save_file`` of the same tensors; ``PeftModel.from_pretrained``
+  on a fresh base vs raw ``load_file`` (the same adapter file for both libraries).
+- ``import``: ``python -c "import peftkit"`` vs ``"import peft"`` (and ``pass``, ``import torch``), wall time.
+- ``merge``: ``merge_and_unload`` vs raw ``W.addmm_(B, A, alpha=scaling)`` per target; max|merged - unmerged|.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import json
+import math
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import harness
+import mixed_batch
+
+LIBS = ("peftkit", "peft")
+CASES = ("train", "generate", "mixed", "inject", "io", "import", "merge")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RANK, ALPHA = 16, 32
+INDEPENDENT = "-"  # the "library" of variants that use neither library (floor, manual, full)
+TRAIN_SHARED = ("floor", "manual", "full", "floor_bf16")
+TRAIN_LIB = ("d0", "d0.1", "bf16")
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "full": {
+        "m100": {"hidden_size": 768, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "vocab_size": 8192, "tokens": 256},
+        "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+               "num_key_value_heads": 4, "vocab_size": 32000, "tokens": 256},
+        "batch": 4, "seq": 256, "prompt": 32, "new_tokens": 64, "check_tokens": 32,
+    },
+    "quick": {
+        "m100": {"hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "vocab_size": 256, "tokens": 32},
+        "1b": {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 3, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "vocab_size": 512, "tokens": 32},
+        "batch": 2, "seq": 32, "prompt": 8, "new_tokens": 8, "check_tokens": 16,
+    },
+}
+REPS = {"train": 3, "generate": 3, "mixed": 3, "inject": 5, "io": 7, "merge": 5, "import": 5}
+
+#: the issue's "Done when" rows: (key, label, target upper bound or None for an informational row)
+DONE_WHEN: tuple[tuple[str, str, float | None], ...] = (
+    ("train_peak_rss_d0", "train peak RSS peftkit/ref, lora_dropout 0", 0.82),
+    ("train_peak_rss_d0.1", "train peak RSS peftkit/ref, lora_dropout 0.1", 0.75),
+    ("train_step_time_d0", "train step time peftkit/ref, lora_dropout 0", 1.0),
+    ("train_step_time_d0.1", "train step time peftkit/ref, lora_dropout 0.1", 0.93),
+    ("train_grad_max_abs_diff", "LoRA grads max|peftkit - plain implementation|", 1e-6),
+    ("generate_unmerged_over_base_peftkit", "generate time/token unmerged/base, peftkit", 1.05),
+    ("generate_unmerged_over_base_peft", "generate time/token unmerged/base, reference (1.10-1.14 measured)", None),
+    ("from_pretrained", "from_pretrained peftkit/ref", 0.3),
+    ("import", "import peftkit / import peft (wall)", 0.5),
+    ("inject_meta", "get_peft_model on 1.1B meta, peftkit/ref", 0.3),
+)
+
+
+# ============================================================================================ shared parts
+def import_lib(lib: str) -> Any:
+    """The library module under test (``peftkit`` or the reference ``peft``)."""
+    if lib == "peftkit":
+        import peftkit
+
+        return peftkit
+    import peft
+
+    return peft
+
+
+def build_model(shape: dict[str, Any], device: str | None = None) -> Any:
+    """A Llama-style causal LM from ``LlamaConfig`` (seed 0, fp32, sdpa), in eval mode with frozen weights."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_hidden_layers"], num_attention_heads=shape["num_attention_heads"],
+        num_key_value_heads=shape.get("num_key_value_heads", shape["num_attention_heads"]),
+        vocab_size=shape["vocab_size"], max_position_embeddings=max(256, shape["tokens"]), attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    with torch.device(device) if device else contextlib.nullcontext():
+        model = LlamaForCausalLM(config)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def lora_config(lib: str, **kwargs: Any) -> Any:
+    """``LoraConfig(r=16, lora_alpha=32, target_modules=q..down, task_type=CAUSAL_LM, **kwargs)`` of ``lib``."""
+    return import_lib(lib).LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS), task_type="CAUSAL_LM",
+                                      **kwargs)
+
+
+class ManualLoRA:
+    """Factory of the hand-written LoRA module (kept torch-free at import time).
+
+    ``forward(x)``: ``out = x @ W^T + b`` on the flattened input, then ``out.addmm_(x @ A^T, B^T, alpha=s)`` (in
+    place, ``in_place=True``; the floor a lean library can reach) or ``out + (x @ A^T) @ B^T * s`` (out of place:
+    the plain definition the gradient check compares against). x: (..., in) -> (..., out).
+    """
+
+    _cls: Any = None
+
+    @classmethod
+    def make(cls, base: Any, A: Any, B: Any, scaling: float, in_place: bool) -> Any:
+        if cls._cls is None:
+            cls._cls = _define_manual_lora()
+        return cls._cls(base, A, B, scaling, in_place)
+
+    @classmethod
+    def is_instance(cls, module: Any) -> bool:
+        return cls._cls is not None and isinstance(module, cls._cls)
+
+
+def _define_manual_lora() -> Any:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class _ManualLoRA(nn.Module):
+        def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, scaling: float, in_place: bool) -> None:
+            super().__init__()
+            self.base, self.scaling, self.in_place = base, scaling, in_place
+            self.lora_A = nn.Parameter(A)  # (r, in)
+            self.lora_B = nn.Parameter(B)  # (out, r)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            flat = x.reshape(-1, x.shape[-1])
+            out = F.linear(flat, self.base.weight, self.base.bias)
+            h = flat @ self.lora_A.t()
+            if self.in_place:
+                out.addmm_(h, self.lora_B.t(), alpha=self.scaling)
+            else:
+                out = out + (h @ self.lora_B.t()) * self.scaling
+            return out.view(*x.shape[:-1], out.shape[-1])
+
+    return _ManualLoRA
+
+
+def target_linears(model: Any) -> list[tuple[str, Any]]:
+    """``(name, module)`` of every targeted ``nn.Linear`` (one ``named_modules`` walk)."""
+    from torch import nn
+
+    return [(n, m) for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in TARGETS and isinstance(m, nn.Linear)]
+
+
+def inject_manual(model: Any, weights: dict[str, tuple[Any, Any]] | None = None, in_place: bool = True) -> int:
+    """Replace every target Linear by a hand-written LoRA (the plain-torch floor of injection).
+
+    Without ``weights``: A kaiming-uniform (a=sqrt(5)) and B zeros, created like the libraries do; with
+    ``weights[name] = (A, B)``: those tensors (copied). Freezes the base first; returns the number of modules.
+    """
+    import torch
+    from torch import nn
+
+    model.requires_grad_(False)
+    found = target_linears(model)
+    for name, lin in found:
+        w = lin.weight
+        if weights is None:
+            A = torch.empty(RANK, lin.in_features, device=w.device, dtype=w.dtype)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            B = torch.zeros(lin.out_features, RANK, device=w.device, dtype=w.dtype)
+        else:
+            A, B = (t.detach().clone() for t in weights[name])
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), leaf, ManualLoRA.make(lin, A, B, ALPHA / RANK, in_place))
+    return len(found)
+
+
+def adapter_tensors(model: Any) -> dict[str, tuple[Any, Any, float]]:
+    """``{base-model module name: (A (r, in), B (out, r), scaling)}`` of a library-wrapped or manual LoRA model."""
+    out = {}
+    for name, m in model.named_modules():
+        key = name.removeprefix("base_model.model.")
+        if ManualLoRA.is_instance(m):
+            out[key] = (m.lora_A, m.lora_B, m.scaling)
+        elif hasattr(m, "lora_A") and hasattr(m.lora_A, "keys") and "default" in m.lora_A:
+            out[key] = (m.lora_A["default"].weight, m.lora_B["default"].weight, float(m.scaling["default"]))
+    return out
+
+
+def token_batch(vocab: int, rows: int, tokens: int, seed: int = 4321) -> Any:
+    import torch
+
+    return torch.randint(0, vocab, (rows, tokens), generator=torch.Generator().manual_seed(seed))
+
+
+# ============================================================================================ worker: train
+def task_train(lib: str, variant: str, ctx: argparse.Namespace) -> dict[str, Any]:
+    """One training variant (see the module docstring): per-step times, peak RSS, saved bytes, gradient check."""
+    import torch
+
+    shape = SHAPES[ctx.size]
+    harness.reset_peak_rss()
+    rss_start = harness.current_rss_mb()
+    model = build_model(shape["m100"])
+    model.train()
+    if variant.startswith("floor"):
+        model.enable_input_require_grads()
+    elif variant == "manual":
+        torch.manual_seed(1)
+        inject_manual(model)
+    elif variant == "full":
+        model.requires_grad_(True)
+    else:
+        mod = import_lib(lib)
+        torch.manual_seed(1)
+        model = mod.get_peft_model(model, lora_config(lib, lora_dropout=0.1 if variant == "d0.1" else 0.0))
+        model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    ids = token_batch(shape["m100"]["vocab_size"], shape["batch"], shape["seq"])
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if variant.endswith("bf16") else contextlib.nullcontext
+
+    def forward() -> Any:
+        with autocast():
+            return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    def step() -> dict[str, harness.Timing]:
+        t_fwd, loss = harness.timed(forward)
+        t_bwd, _ = harness.timed(loss.backward)
+        del loss
+        t_opt = harness.Timing(0.0, 0.0)
+        if opt is not None:
+            t_opt, _ = harness.timed(lambda: (opt.step(), opt.zero_grad(set_to_none=True)))
+        return {"fwd": t_fwd, "bwd": t_bwd, "opt": t_opt}
+
+    rss_ready = harness.current_rss_mb()
+    saved_mb = saved_activation_mb(model, forward, opt)  # the warm-up step
+    steps: dict[str, dict[str, list[float]]] = {k: {"cpu": [], "wall": []} for k in ("fwd", "bwd", "opt", "step")}
+    for _ in range(ctx.reps):
+        parts = step()
+        for clk in ("cpu", "wall"):
+            for k, t in parts.items():
+                steps[k][clk].append(getattr(t, clk))
+            steps["step"][clk].append(sum(getattr(t, clk) for t in parts.values()))
+    peak = harness.peak_rss_mb()
+    out = {"steps": steps, "peak_rss_mb": peak, "rss_start_mb": rss_start, "rss_ready_mb": rss_ready,
+           "rss_growth_mb": None if peak is None or rss_ready is None else peak - rss_ready,
+           "saved_activation_mb": saved_mb, "trainable_params": sum(p.numel() for p in params)}
+    if variant in ("d0", "manual"):
+        del opt
+        out["grad_check"] = grad_check(model, shape)
+    return out
+
+
+def saved_activation_mb(model: Any, forward: Callable[[], Any], opt: Any) -> float:
+    """One (untimed, warm-up) training step; returns MB of the unique non-parameter storages saved for backward."""
+    import torch
+
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_ptrs:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = forward()
+    loss.backward()
+    del loss
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return sum(saved.values()) / 2**20
+
+
+def grad_check(model: Any, shape: dict[str, Any]) -> dict[str, float]:
+    """LoRA gradients of ``model`` against a plain out-of-place LoRA with the same weights (random non-zero B).
+
+    Both run a 1 x ``check_tokens`` batch with the loss on the inputs; returns max|dA|, |dB| over all modules,
+    the largest gradient entry (scale), the loss difference and the module count.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(99)
+    tensors = adapter_tensors(model)
+    with torch.no_grad():
+        for _, B, _ in tensors.values():
+            B.copy_(torch.randn(B.shape, generator=gen) * 0.02)
+    ids = token_batch(shape["m100"]["vocab_size"], 1, shape["check_tokens"], seed=77)
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    plain = build_model(shape["m100"])
+    plain.train()
+    inject_manual(plain, {k: (A, B) for k, (A, B, _) in tensors.items()}, in_place=False)
+    plain_tensors = adapter_tensors(plain)
+    plain_loss = plain(input_ids=ids, labels=ids, use_cache=False).loss
+    plain_loss.backward()
+    diff, scale = 0.0, 0.0
+    for name, (A, B, _) in tensors.items():
+        pA, pB, _ = plain_tensors[name]
+        diff = max(diff, float((A.grad - pA.grad).abs().max()), float((B.grad - pB.grad).abs().max()))
+        scale = max(scale, float(A.grad.abs().max()), float(B.grad.abs().max()))
+    return {"max_abs_diff": diff, "max_abs_grad": scale, "loss_diff": abs(loss.item() - plain_loss.item()),
+            "modules": len(tensors)}
+
+
+# ============================================================================================ worker: other cases
+def task_generate(lib: str, ctx: argparse.Namespace) -> dict[str, Any]:
+    """Greedy decoding, batch 1: base / unmerged / merged / disabled, interleaved (see the module docstring)."""
+    import torch
+
+    mod = import_lib(lib)
+    shape = SHAPES[ctx.size]
+    adapter = str(Path(ctx.workdir) / "gen" / "a0")
+    harness.reset_peak_rss()
+    base = build_model(shape["m100"])
+    unmerged = mod.PeftModel.from_pretrained(build_model(shape["m100"]), adapter)
+    merged = mod.PeftModel.from_pretrained(build_model(shape["m100"]), adapter).merge_and_unload()
+    for m in (unmerged, merged):
+        m.eval()
+        m.requires_grad_(False)
+    prompt = token_batch(shape["m100"]["vocab_size"], 1, shape["prompt"], seed=11)
+    n_new = shape["new_tokens"]
+
+    def gen(m: Any) -> Any:
+        return m.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new,
+                          min_new_tokens=n_new, do_sample=False, pad_token_id=0)
+
+    def disabled() -> Any:
+        with unmerged.disable_adapter():
+            return gen(unmerged)
+
+    variants = {"base": lambda: gen(base), "unmerged": lambda: gen(unmerged), "merged": lambda: gen(merged),
+                "disabled": disabled}
+    kept: dict[str, list[int]] = {}
+    with torch.inference_mode():
+        times = harness.interleaved_reps(variants, ctx.reps, warmup=1,
+                                         on_warmup=lambda n, v: kept.__setitem__(n, v[0, prompt.shape[1]:].tolist()))
+    return {"times": times, "new_tokens": n_new, "tokens": kept, "peak_rss_mb": harness.peak_rss_mb()}
+
+
+def task_mixed(lib: str, count: int, ctx: argparse.Namespace) -> dict[str, Any]:
+    """``mixed_batch.run_count`` for one library and adapter count; logits go to a file for the cross check."""
+    import torch
+
+    shape = mixed_batch.QUICK if ctx.size == "quick" else mixed_batch.FULL
+    roots = [Path(ctx.workdir) / "mixed" / f"a{i}" for i in range(count)]
+    input_ids = token_batch(shape["vocab_size"], shape["rows"], shape["tokens"])
+    case = mixed_batch.run_count(import_lib(lib).PeftModel, shape, roots, count, input_ids, ctx.reps,
+                                 mixed_batch.probe_positions(shape["tokens"]))
+    logits_file = Path(ctx.workdir) / f"mixed-logits-{lib}-{count}-{time.time_ns()}.pt"
+    torch.save(case.pop("logits"), logits_file)
+    return {**case, "logits_file": str(logits_file), "rows": shape["rows"], "tokens": shape["tokens"]}
+
+
+def task_inject(lib: str, ctx: argparse.Namespace) -> dict[str, Any]:
+    """``get_peft_model`` vs the plain injection loop: 1.1B on meta, 98M real (a fresh model per call, untimed)."""
+    mod = import_lib(lib)
+    shape = SHAPES[ctx.size]
+    out: dict[str, Any] = {}
+    for where, shp, device in (("meta_1b", shape["1b"], "meta"), ("real_100m", shape["m100"], None)):
+        template = None if device == "meta" else build_model(shp)
+
+        def fresh(shp: dict[str, Any] = shp, device: str | None = device, template: Any = template) -> Any:
+            return build_model(shp, device=device) if template is None else copy.deepcopy(template)
+
+        variants = {lib: lambda m: mod.get_peft_model(m, lora_config(lib)), "floor": inject_manual}
+        times = harness.interleaved_reps(variants, ctx.reps, warmup=1, setup={lib: fresh, "floor": fresh})
+        out[where] = {"times": times, "modules": len(target_linears(fresh())), "lib_key": lib}
+        del template
+        gc.collect()
+    return out
+
+
+def task_io(lib: str, ctx: argparse.Namespace) -> dict[str, Any]:
+    """``save_pretrained`` / ``from_pretrained`` of one adapter file vs raw safetensors save/load of its tensors."""
+    from safetensors.torch import load_file, save_file
+
+    mod = import_lib(lib)
+    shape = SHAPES[ctx.size]
+    src = Path(ctx.workdir) / "gen" / "a0"
+    src_file = src / "adapter_model.safetensors"
+    template = build_model(shape["m100"])
+    loaded = mod.PeftModel.from_pretrained(copy.deepcopy(template), str(src))
+    file_tensors = load_file(str(src_file))
+    out_root = Path(tempfile.mkdtemp(prefix=f"io-{lib}-", dir=ctx.workdir))
+    counter = iter(range(10**6))
+
+    def fresh_dir() -> Path:
+        return out_root / str(next(counter))
+
+    variants = {
+        "save_pretrained": lambda d: loaded.save_pretrained(str(d)),
+        "save_file": lambda d: (d.mkdir(parents=True), save_file(file_tensors, str(d / "adapter_model.safetensors"))),
+        "from_pretrained": lambda base: mod.PeftModel.from_pretrained(base, str(src)),
+        "load_file": lambda: load_file(str(src_file)),
+    }
+    setup = {"save_pretrained": fresh_dir, "save_file": fresh_dir, "from_pretrained": lambda: copy.deepcopy(template)}
+    times = harness.interleaved_reps(variants, ctx.reps, warmup=1, setup=setup)
+    state = mod.get_peft_model_state_dict(loaded)
+    diff = max(float((state[k] - v).abs().max()) for k, v in file_tensors.items())
+    saved_file = next(out_root.glob("*/adapter_model.safetensors"))
+    resaved = load_file(str(saved_file))
+    resave_diff = max(float((resaved[k] - v).abs().max()) for k, v in file_tensors.items())
+    return {"times": times, "loaded_vs_file_max_abs_diff": diff, "resaved_vs_file_max_abs_diff": resave_diff,
+            "adapter_bytes": src_file.stat().st_size, "tensors": len(file_tensors),
+            "adapter_params": sum(t.numel() for t in file_tensors.values())}
+
+
+def task_merge(lib: str, ctx: argparse.Namespace) -> dict[str, Any]:
+    """``merge_and_unload`` vs raw ``addmm_`` of the same A/B; max|merged - unmerged| logits."""
+    import torch
+    from safetensors.torch import load_file
+
+    mod = import_lib(lib)
+    shape = SHAPES[ctx.size]
+    src = Path(ctx.workdir) / "gen" / "a0"
+    template = build_model(shape["m100"])
+    tensors = load_file(str(src / "adapter_model.safetensors"))
+    pairs = [(k.removeprefix("base_model.model.").removesuffix(".lora_A.weight"), v,
+              tensors[k.replace("lora_A", "lora_B")]) for k, v in tensors.items() if k.endswith("lora_A.weight")]
+    scaling = ALPHA / RANK
+
+    def raw_merge(model: Any) -> Any:
+        with torch.no_grad():
+            for name, A, B in pairs:
+                model.get_submodule(name).weight.addmm_(B, A, alpha=scaling)
+        return model
+
+    def fresh_peft() -> Any:
+        return mod.PeftModel.from_pretrained(copy.deepcopy(template), str(src))
+
+    kept: dict[str, Any] = {}
+    times = harness.interleaved_reps(
+        {"merge_and_unload": lambda m: m.merge_and_unload(), "addmm": raw_merge}, ctx.reps, warmup=1,
+        setup={"merge_and_unload": fresh_peft, "addmm": lambda: copy.deepcopy(template)},
+        on_warmup=kept.__setitem__)
+    ids = token_batch(shape["m100"]["vocab_size"], 2, shape["check_tokens"], seed=5)
+    with torch.inference_mode():
+        unmerged = fresh_peft()(input_ids=ids, use_cache=False).logits
+        merged = kept["merge_and_unload"](input_ids=ids, use_cache=False).logits
+        raw = kept["addmm"](input_ids=ids, use_cache=False).logits
+        base = template(input_ids=ids, use_cache=False).logits
+    return {"times": times, "modules": len(pairs), "merged_vs_unmerged_max_abs_diff": float((merged - unmerged).abs().max()),
+            "merged_vs_raw_max_abs_diff": float((merged - raw).abs().max()),
+            "adapter_effect": float((unmerged - base).abs().max())}
+
+
+def run_task(spec: str, ctx: argparse.Namespace) -> dict[str, Any]:
+    """Dispatch ``case:lib:variant`` to its task function."""
+    case, lib, variant = spec.split(":")
+    if case == "train":
+        return task_train(lib, variant, ctx)
+    if case == "mixed":
+        return task_mixed(lib, int(variant), ctx)
+    return {"generate": task_generate, "inject": task_inject, "io": task_io, "merge": task_merge}[case](lib, ctx)
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the tasks in ``args.tasks`` in order; a failing task records its traceback instead of a result."""
+    harness.worker_setup(args.threads)
+    results: dict[str, Any] = {}
+    for spec in args.tasks:
+        try:
+            results[spec] = run_task(spec, args)
+        except Exception:  # noqa: BLE001 - reported by the driver, which exits non-zero
+            results[spec] = {"error": traceback.format_exc()}
+        gc.collect()
+    return {"tasks": results, "machine": harness.machine_info()}
+
+
+# ============================================================================================ driver: import
+def run_import(libs: Sequence[str], reps: int, warmup: int) -> dict[str, Any]:
+    """Wall and CPU time of ``python -c <stmt>`` in fresh interpreters, statements interleaved per repetition."""
+    stmts = {"pass": "pass", "torch": "import torch", **{lib: f"import {lib}" for lib in libs}}
+    # after the timed statement the child prints its peak RSS (microseconds; not in the statement's own cost)
+    peak = "\nprint([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])"
+    out: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": [], "maxrss_mb": []} for k in stmts}
+    names = list(stmts)
+    for i in range(warmup + reps):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            sample, stdout = harness.time_command([sys.executable, "-c", stmts[name] + peak])
+            if i >= warmup:
+                out[name]["wall"].append(sample["wall"])
+                out[name]["cpu"].append(sample["cpu"])
+                out[name]["maxrss_mb"].append(int(stdout.split()[-1]) / 1024)
+    return {"times": out}
+
+
+# ============================================================================================ driver: plan and run
+def task_specs(case: str, libs: Sequence[str], counts: Sequence[int]) -> list[list[str]]:
+    """The task groups of one case: each inner list is compared side by side (one subprocess per task)."""
+    if case == "train":
+        specs = [f"train:{INDEPENDENT}:{v}" for v in TRAIN_SHARED[:3]]
+        for variant in TRAIN_LIB[:2]:
+            specs += [f"train:{lib}:{variant}" for lib in libs]
+        specs += [f"train:{INDEPENDENT}:floor_bf16", *(f"train:{lib}:bf16" for lib in libs)]
+        return [specs]
+    if case == "mixed":
+        return [[f"mixed:{lib}:{n}" for lib in libs] for n in counts]
+    return [[f"{case}:{lib}:-" for lib in libs]]
+
+
+def plan_jobs(cases: Sequence[str], libs: Sequence[str], counts: Sequence[int], quick: bool,
+              reps: int | None) -> list[list[harness.Job]]:
+    """Worker jobs grouped for :func:`harness.run_rounds`; ``--quick`` packs each library's tasks in one job."""
+    groups = [g for case in cases if case != "import" for g in task_specs(case, libs, counts)]
+    if quick:
+        per_lib: dict[str, list[str]] = {lib: [] for lib in libs}
+        for spec in (s for g in groups for s in g):
+            lib = spec.split(":")[1]
+            per_lib[libs[0] if lib == INDEPENDENT else lib].append(spec)
+        jobs = [harness.Job(tuple(specs), ["--reps", str(reps or 1), "--tasks", *specs])
+                for specs in per_lib.values() if specs]
+        return [jobs] if jobs else []
+    return [[harness.Job((spec,), ["--reps", str(reps or REPS[spec.split(":")[0]]), "--tasks", spec]) for spec in g]
+            for g in groups]
+
+
+def prepare_workdir(workdir: Path, cases: Sequence[str], counts: Sequence[int], quick: bool) -> None:
+    """Adapter files both libraries load: ``gen/a0`` (98M shape, random A and B) and ``mixed/a{i}``."""
+    size = "quick" if quick else "full"
+    if {"generate", "io", "merge"} & set(cases):
+        mixed_batch.write_adapters(SHAPES[size]["m100"], 1, workdir / "gen", seed=2024)
+    if "mixed" in cases:
+        mixed_batch.write_adapters(mixed_batch.QUICK if quick else mixed_batch.FULL, max(counts), workdir / "mixed")
+
+
+def split_results(raw: harness.RoundResults) -> dict[str, list[dict[str, Any]]]:
+    """``{task spec: [result of round 0, round 1, ...]}`` from the jobs' results."""
+    out: dict[str, list[dict[str, Any]]] = {}
+    for key, rounds in raw.results.items():
+        for spec in key:
+            out[spec] = [r["tasks"][spec] for r in rounds]
+    return out
+
+
+# ============================================================================================ summaries
+def pooled(runs: Sequence[dict[str, Any]], *path: str) -> list[float]:
+    """Samples at ``path`` (e.g. "times", "base", "cpu") of every round, concatenated in round order."""
+    out: list[float] = []
+    for run in runs:
+        node: Any = run
+        for key in path:
+            node = node[key]
+        out.extend(node)
+    return out
+
+
+def per_round(runs: Sequence[dict[str, Any]], *path: str) -> list[list[float]]:
+    rounds = []
+    for run in runs:
+        node: Any = run
+        for key in path:
+            node = node[key]
+        rounds.append(node)
+    return rounds
+
+
+def safe(fn: Callable[[], float]) -> float | None:
+    """``fn()``, or None where its inputs are missing (a library not run, a failed task)."""
+    try:
+        return fn()
+    except (KeyError, ValueError, TypeError, ZeroDivisionError):
+        return None
+
+
+def summarize_train(res: dict[str, list[dict[str, Any]]], libs: Sequence[str]) -> dict[str, Any]:
+    names = [f"{INDEPENDENT}:{v}" for v in TRAIN_SHARED] + [f"{lib}:{v}" for v in TRAIN_LIB for lib in libs]
+    runs = {n: res[f"train:{n}"] for n in names if f"train:{n}" in res}
+    rows: dict[str, Any] = {}
+    for name, rr in runs.items():
+        floor = runs.get(f"{INDEPENDENT}:floor_bf16" if name.endswith("bf16") else f"{INDEPENDENT}:floor")
+        row = {f"{k}_s": safe(lambda k=k, rr=rr: harness.median(pooled(rr, "steps", k, "cpu")))
+               for k in ("step", "fwd", "bwd", "opt")}
+        row["step_wall_s"] = safe(lambda rr=rr: harness.median(pooled(rr, "steps", "step", "wall")))
+        for key in ("peak_rss_mb", "rss_growth_mb", "saved_activation_mb"):
+            row[key] = safe(lambda rr=rr, key=key: harness.median(r[key] for r in rr))
+        row["trainable_params"] = safe(lambda rr=rr: rr[0]["trainable_params"])
+        row["time_over_floor"] = safe(lambda rr=rr, floor=floor: harness.per_round_ratio(
+            per_round(rr, "steps", "step", "cpu"), per_round(floor, "steps", "step", "cpu")))
+        row["peak_rss_over_floor"] = safe(lambda rr=rr, floor=floor: harness.median_ratio(
+            [r["peak_rss_mb"] for r in rr], [r["peak_rss_mb"] for r in floor]))
+        if "grad_check" in rr[0]:
+            row["grad_max_abs_diff"] = max(r["grad_check"]["max_abs_diff"] for r in rr)
+            row["grad_max_abs"] = max(r["grad_check"]["max_abs_grad"] for r in rr)
+        rows[name] = row
+    ratios = {}
+    for variant in TRAIN_LIB:
+        ours, ref = runs.get(f"peftkit:{variant}"), runs.get(f"peft:{variant}")
+        ratios[variant] = {
+            "step_time": safe(lambda o=ours, r=ref: harness.per_round_ratio(per_round(o, "steps", "step", "cpu"),
+                                                                            per_round(r, "steps", "step", "cpu"))),
+            "fwd_time": safe(lambda o=ours, r=ref: harness.per_round_ratio(per_round(o, "steps", "fwd", "cpu"),
+                                                                           per_round(r, "steps", "fwd", "cpu"))),
+            "bwd_time": safe(lambda o=ours, r=ref: harness.per_round_ratio(per_round(o, "steps", "bwd", "cpu"),
+                                                                           per_round(r, "steps", "bwd", "cpu"))),
+            "peak_rss": safe(lambda o=ours, r=ref: harness.median_ratio([x["peak_rss_mb"] for x in o],
+                                                                        [x["peak_rss_mb"] for x in r])),
+            "saved_activations": safe(lambda o=ours, r=ref: harness.median_ratio(
+                [x["saved_activation_mb"] for x in o], [x["saved_activation_mb"] for x in r])),
+        }
+    return {"variants": rows, "peftkit_over_ref": ratios}
+
+
+def summarize_generate(res: dict[str, list[dict[str, Any]]], libs: Sequence[str]) -> dict[str, Any]:
+    variants = ("base", "unmerged", "merged", "disabled")
+    out: dict[str, Any] = {"libs": {}, "peftkit_over_ref": {}}
+    for lib in libs:
+        rr = res.get(f"generate:{lib}:-")
+        if not rr or "times" not in rr[0]:
+            continue
+        n = rr[0]["new_tokens"]
+        entry: dict[str, Any] = {
+            "tokens_per_s": {v: n / harness.median(pooled(rr, "times", v, "cpu")) for v in variants},
+            "tokens_per_s_wall": {v: n / harness.median(pooled(rr, "times", v, "wall")) for v in variants},
+            "over_base": {v: harness.median_ratio(pooled(rr, "times", v, "cpu"), pooled(rr, "times", "base", "cpu"))
+                          for v in variants[1:]},
+            "unmerged_tokens_equal_merged": rr[0]["tokens"]["unmerged"] == rr[0]["tokens"]["merged"],
+            "disabled_tokens_equal_base": rr[0]["tokens"]["disabled"] == rr[0]["tokens"]["base"],
+        }
+        entry["ms_per_token"] = {v: 1000 / tps for v, tps in entry["tokens_per_s"].items()}
+        out["libs"][lib] = entry
+    if {"peftkit", "peft"} <= set(out["libs"]):
+        ours, ref = res["generate:peftkit:-"], res["generate:peft:-"]
+        out["peftkit_over_ref"] = {v: harness.per_round_ratio(per_round(ours, "times", v, "cpu"),
+                                                              per_round(ref, "times", v, "cpu")) for v in variants}
+        out["unmerged_tokens_equal_across_libs"] = ours[0]["tokens"]["unmerged"] == ref[0]["tokens"]["unmerged"]
+    return out
+
+
+def summarize_mixed(res: dict[str, list[dict[str, Any]]], libs: Sequence[str], counts: Sequence[int]) -> dict[str, Any]:
+    import torch
+
+    out: dict[str, Any] = {}
+    for n in counts:
+        entry: dict[str, Any] = {"tokens_per_s": {}, "mixed_over_single": {}, "single_over_base": {}}
+        for lib in libs:
+            rr = res.get(f"mixed:{lib}:{n}")
+            if not rr or "times" not in rr[0]:
+                continue
+            n_tok = rr[0]["rows"] * rr[0]["tokens"]
+            entry["tokens_per_s"][lib] = {v: n_tok / harness.median(pooled(rr, "times", v, "cpu"))
+                                          for v in mixed_batch.VARIANTS}
+            entry["mixed_over_single"][lib] = harness.median_ratio(pooled(rr, "times", "mixed", "cpu"),
+                                                                   pooled(rr, "times", "single", "cpu"))
+            entry["single_over_base"][lib] = harness.median_ratio(pooled(rr, "times", "single", "cpu"),
+                                                                  pooled(rr, "times", "base", "cpu"))
+        if {"peftkit", "peft"} <= set(entry["tokens_per_s"]):
+            ours, ref = res[f"mixed:peftkit:{n}"], res[f"mixed:peft:{n}"]
+            entry["peftkit_over_ref_mixed_time"] = harness.per_round_ratio(per_round(ours, "times", "mixed", "cpu"),
+                                                                           per_round(ref, "times", "mixed", "cpu"))
+            a = torch.load(ours[0]["logits_file"], weights_only=True)
+            b = torch.load(ref[0]["logits_file"], weights_only=True)
+            entry["max_abs_diff_mixed_logits"] = float((a["mixed"] - b["mixed"]).abs().max())
+        out[str(n)] = entry
+    return out
+
+
+def summarize_pairs(res: dict[str, list[dict[str, Any]]], case: str, libs: Sequence[str],
+                    pairs: dict[str, tuple[str, str]], sub: str | None = None) -> dict[str, Any]:
+    """Generic summary of a case whose tasks time (variant, floor) pairs: medians, each/floor, peftkit/ref.
+
+    ``pairs[label] = (variant, floor)``; a variant named ``"{lib}"`` is the library's own name in that task.
+    """
+    out: dict[str, Any] = {"libs": {}, "peftkit_over_ref": {}}
+
+    def times(rr: list[dict[str, Any]], name: str, lib: str) -> list[list[float]]:
+        return [(r[sub] if sub else r)["times"][lib if name == "{lib}" else name]["cpu"] for r in rr]
+
+    for lib in libs:
+        rr = res.get(f"{case}:{lib}:-")
+        if not rr or "error" in rr[0]:
+            continue
+        entry: dict[str, Any] = {}
+        for label, (variant, floor) in pairs.items():
+            v, f = times(rr, variant, lib), times(rr, floor, lib)
+            entry[label] = {"s": harness.median(x for r in v for x in r), "floor_s": harness.median(x for r in f for x in r),
+                            "over_floor": harness.median_ratio([x for r in v for x in r], [x for r in f for x in r])}
+        out["libs"][lib] = entry
+    if {"peftkit", "peft"} <= set(out["libs"]):
+        ours, ref = res[f"{case}:peftkit:-"], res[f"{case}:peft:-"]
+        for label, (variant, _) in pairs.items():
+            out["peftkit_over_ref"][label] = harness.per_round_ratio(times(ours, variant, "peftkit"),
+                                                                     times(ref, variant, "peft"))
+    return out
+
+
+def summarize_import(data: dict[str, Any], libs: Sequence[str]) -> dict[str, Any]:
+    t = data["times"]
+    out: dict[str, Any] = {"median_wall_s": {k: harness.median(v["wall"]) for k, v in t.items()},
+                           "median_cpu_s": {k: harness.median(v["cpu"]) for k, v in t.items()},
+                           "median_maxrss_mb": {k: harness.median(v["maxrss_mb"]) for k, v in t.items()}}
+    if set(LIBS) <= set(libs):
+        out["peftkit_over_peft_wall"] = harness.median_ratio(t["peftkit"]["wall"], t["peft"]["wall"])
+        out["peftkit_over_peft_cpu"] = harness.median_ratio(t["peftkit"]["cpu"], t["peft"]["cpu"])
+    for lib in libs:
+        out[f"{lib}_over_torch_wall"] = harness.median_ratio(t[lib]["wall"], t["torch"]["wall"])
+    return out
+
+
+def summarize(res: dict[str, list[dict[str, Any]]], imports: dict[str, Any] | None, cases: Sequence[str],
+              libs: Sequence[str], counts: Sequence[int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "train" in cases:
+        out["train"] = summarize_train(res, libs)
+    if "generate" in cases:
+        out["generate"] = summarize_generate(res, libs)
+    if "mixed" in cases:
+        out["mixed"] = summarize_mixed(res, libs, counts)
+    if "inject" in cases:
+        out["inject"] = {where: summarize_pairs(res, "inject", libs, {"get_peft_model": ("{lib}", "floor")}, sub=where)
+                         for where in ("meta_1b", "real_100m")}
+    if "io" in cases:
+        out["io"] = summarize_pairs(res, "io", libs, {"save_pretrained": ("save_pretrained", "save_file"),
+                                                      "from_pretrained": ("from_pretrained", "load_file")})
+    if "merge" in cases:
+        out["merge"] = summarize_pairs(res, "merge", libs, {"merge_and_unload": ("merge_and_unload", "addmm")})
+    if imports is not None:
+        out["import"] = summarize_import(imports, libs)
+    return out
+
+
+def done_when(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's "Done when" rows with value, target and PASS / MISS (informational, never asserted)."""
+    def get(*path: str) -> Any:
+        node: Any = summary
+        for key in path:
+            if not isinstance(node, dict) or key not in node:
+                return None
+            node = node[key]
+        return node
+
+    variants = get("train", "variants") or {}
+    grads = [v["grad_max_abs_diff"] for k, v in variants.items() if k.startswith("peftkit:") and "grad_max_abs_diff" in v]
+    values = {
+        "train_peak_rss_d0": get("train", "peftkit_over_ref", "d0", "peak_rss"),
+        "train_peak_rss_d0.1": get("train", "peftkit_over_ref", "d0.1", "peak_rss"),
+        "train_step_time_d0": get("train", "peftkit_over_ref", "d0", "step_time"),
+        "train_step_time_d0.1": get("train", "peftkit_over_ref", "d0.1", "step_time"),
+        "train_grad_max_abs_diff": max(grads) if grads else None,
+        "generate_unmerged_over_base_peftkit": get("generate", "libs", "peftkit", "over_base", "unmerged"),
+        "generate_unmerged_over_base_peft": get("generate", "libs", "peft", "over_base", "unmerged"),
+        "from_pretrained": get("io", "peftkit_over_ref", "from_pretrained"),
+        "import": get("import", "peftkit_over_peft_wall"),
+        "inject_meta": get("inject", "meta_1b", "peftkit_over_ref", "get_peft_model"),
+    }
+    rows = []
+    for key, label, target in DONE_WHEN:
+        value = values[key]
+        status = "n/a" if value is None else "info" if target is None else "PASS" if value <= target else "MISS"
+        rows.append({"key": key, "label": label, "value": value, "target": target, "status": status})
+    return rows
+
+
+# ============================================================================================ report
+def report(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    table = harness.markdown_table
+    out: list[str] = []
+    if "train" in summary:
+        t = summary["train"]
+        out.append("\n## train (CPU s per step; ratios to the fp32 or bf16 floor)\n")
+        cols = ("step_s", "fwd_s", "bwd_s", "opt_s", "step_wall_s", "peak_rss_mb", "rss_growth_mb",
+                "saved_activation_mb", "time_over_floor", "peak_rss_over_floor", "grad_max_abs_diff")
+        out.append(table(["variant", *cols], [[name, *(row.get(c) for c in cols)] for name, row in t["variants"].items()]))
+        out.append("\npeftkit / reference (per-round ratios):\n")
+        keys = ("step_time", "fwd_time", "bwd_time", "peak_rss", "saved_activations")
+        out.append(table(["variant", *keys], [[v, *(r[k] for k in keys)] for v, r in t["peftkit_over_ref"].items()]))
+    if "generate" in summary:
+        g = summary["generate"]
+        out.append("\n## generate (batch 1, greedy; tokens/s on CPU time; time ratio to base)\n")
+        vs = ("base", "unmerged", "merged", "disabled")
+        out.append(table(["library", *vs, "ms/token unmerged", "unmerged/base", "merged/base", "disabled/base"],
+                         [[lib, *(e["tokens_per_s"][v] for v in vs), e["ms_per_token"]["unmerged"],
+                           *(e["over_base"][v] for v in vs[1:])] for lib, e in g["libs"].items()]))
+        if g["peftkit_over_ref"]:
+            out.append("\npeftkit/ref time: " + ", ".join(f"{k} {harness.fmt(v)}" for k, v in g["peftkit_over_ref"].items())
+                       + f"; unmerged tokens equal across libraries: {g['unmerged_tokens_equal_across_libs']}")
+    if "mixed" in summary:
+        out.append("\n## mixed (per-row adapter routing; tokens/s on CPU time)\n")
+        hdr = ["N", "library", "single", "mixed", "base", "mixed/single (time)", "single/base (time)"]
+        body = [[n, lib, *(tps[v] for v in mixed_batch.VARIANTS), e["mixed_over_single"][lib], e["single_over_base"][lib]]
+                for n, e in summary["mixed"].items() for lib, tps in e["tokens_per_s"].items()]
+        out.append(table(hdr, body))
+        out.append("\n" + "; ".join(f"N={n}: peftkit/ref mixed time {harness.fmt(e.get('peftkit_over_ref_mixed_time'))}, "
+                                    f"max|logit diff| {harness.fmt(e.get('max_abs_diff_mixed_logits'))}"
+                                    for n, e in summary["mixed"].items()))
+    for case, title in (("inject", "inject (get_peft_model vs plain loop; CPU s)"), ("io", "io (CPU s)"),
+                        ("merge", "merge (CPU s)")):
+        if case not in summary:
+            continue
+        out.append(f"\n## {title}\n")
+        parts = summary[case] if case == "inject" else {"": summary[case]}
+        body = []
+        for where, s in parts.items():
+            for lib, entry in s["libs"].items():
+                for label, e in entry.items():
+                    body.append([f"{label} {where}".strip(), lib, e["s"], e["floor_s"], e["over_floor"],
+                                 s["peftkit_over_ref"].get(label, "-")])
+        out.append(table(["operation", "library", "s", "floor s", "each/floor", "peftkit/ref"], body))
+    if "import" in summary:
+        imp = summary["import"]
+        out.append("\n## import (fresh interpreter, wall s)\n")
+        out.append(table(["statement", "wall s", "cpu s", "maxrss MB"],
+                         [[k, v, imp["median_cpu_s"][k], imp["median_maxrss_mb"][k]]
+                          for k, v in imp["median_wall_s"].items()]))
+    out.append("\n## Done when (informational; never asserted)\n")
+    out.append(table(["ratio", "value", "target", "status"],
+                     [[r["label"], r["value"], "-" if r["target"] is None else f"<= {r['target']:g}", r["status"]]
+                      for r in rows]))
+    return "\n".join(out)
+
+
+# ============================================================================================ main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--lib", choices=("peftkit", "peft", "both"), default="both")
+    parser.add_argument("--cases", type=str, default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 rep, 1 round (CI smoke test)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions per subprocess (default per case)")
+    parser.add_argument("--rounds", type=int, default=None, help="subprocess rounds (default 2; quick 1)")
+    parser.add_argument("--counts", type=int, nargs="+", default=None, help="mixed: adapter counts (default 1 4 16)")
+    parser.add_argument("--json", type=str, default=None, help="write settings, summary and raw results here")
+    parser.add_argument("--tasks", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    parser.add_argument("--size", choices=tuple(SHAPES), default="full", help=argparse.SUPPRESS)
+    harness.add_worker_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        args.reps = args.reps or 1
+        harness.write_result(args.result, worker(args))
+        return 0
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        raise SystemExit(f"--cases: unknown {unknown}; allowed: {', '.join(CASES)}")
+    libs = list(LIBS) if args.lib == "both" else [args.lib]
+    counts = args.counts or ([1, 4] if args.quick else [1, 4, 16])
+    rounds = args.rounds or (1 if args.quick else 2)
+    size = "quick" if args.quick else "full"
+    started = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="peftkit-bench-") as tmp:
+        workdir = Path(tmp)
+        prepare_workdir(workdir, cases, counts, args.quick)
+        groups = plan_jobs(cases, libs, counts, args.quick, args.reps)
+        for group in groups:
+            for job in group:
+                job.args += ["--workdir", str(workdir), "--size", size]
+        raw = harness.run_rounds(Path(__file__), groups, rounds, threads=args.threads, log=log)
+        res = split_results(raw)
+        imports = None
+        if "import" in cases:
+            imp_reps = args.reps or (1 if args.quick else REPS["import"])
+            imports = run_import(libs, imp_reps, warmup=0 if args.quick else 1)
+            log("import done")
+        errors = {spec: rr[i]["error"] for spec, rr in res.items() for i in range(len(rr)) if "error" in rr[i]}
+        summary = summarize(res, imports, cases, libs, counts)
+    rows = done_when(summary)
+    settings = {"cases": cases, "libs": libs, "size": size, "shapes": SHAPES[size], "rounds": rounds,
+                "reps": args.reps or ({c: 1 for c in CASES} if args.quick else REPS), "counts": counts,
+                "threads": args.threads, "rank": RANK, "lora_alpha": ALPHA, "targets": list(TARGETS),
+                "machine": harness.machine_info(), "total_s": time.perf_counter() - started}
+    print(f"# peftkit bench: {json.dumps({k: settings[k] for k in ('cases', 'libs', 'size', 'rounds', 'reps')})}")
+    print(f"# machine: {settings['machine']}; total {settings['total_s']:.0f} s")
+    print(report(summary, rows))
+    for spec, err in errors.items():
+        print(f"\nERROR in {spec}:\n{err}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"settings": settings, "done_when": rows, "cases": summary,
+                                               "errors": errors, "raw": res, "import_raw": imports}, indent=1,
+                                              default=str))
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""The LoRA update of a linear output with dropout fused into the A-projection, as a plain reference and as a
+lean fast path.
+
+Conventions: ``x: (..., in)``, ``A: (r, in)``, ``B: (out, r)``, optional ``bias_B: (out,)``, ``result: (..., out)``,
+dropout probability ``p`` (0: none) with keep-mask ``mask: (..., in)`` bool; the update is
+``scaling * (dropout(x) @ A.T @ B.T + bias_B)`` with ``dropout(x) = x * mask / (1 - p)``.
+
+Why a fast path: ``nn.Dropout`` followed by ``lora_A`` keeps, per adapted module, a full-size float noise tensor
+(CPU) and the dropped copy of ``x`` for backward. :class:`_DropoutProject` keeps only ``x`` (which the base layer
+saves anyway: the same tensor, no copy) and a 1-byte mask, and recomputes ``x * mask`` in backward. The update is
+then accumulated into the base output with one ``addmm_`` (no output-sized temporaries), in the compute dtype of
+the reference (the adapter's dtype, or the autocast dtype under autocast).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+import torch.nn.functional as F
+
+from .lowrank import can_update_inplace
+
+#: the keep-mask is drawn as 16-bit uniform integers (four per 64-bit draw): ``p`` is rounded to this grid
+MASK_LEVELS = 1 << 16
+
+
+def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> tuple[torch.Tensor, float]:
+    """``(mask, keep)``: a bool keep-mask of ``shape`` drawn from the default generator, ``True`` with probability
+    ``keep``, which is ``1 - p`` rounded to a multiple of ``1 / 65536`` (scale the kept values by ``1 / keep`` to
+    stay unbiased). Four 16-bit draws come from each 64-bit random number: 2-3x cheaper than ``torch.rand``."""
+    numel = math.prod(shape)
+    dropped = min(max(round(p * MASK_LEVELS), 0), MASK_LEVELS - 1)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), (1 << 63) - 1)
+    levels = words.view(torch.int16)[:numel].view(shape)
+    return levels >= dropped - (MASK_LEVELS >> 1), (MASK_LEVELS - dropped) / MASK_LEVELS
+
+
+_scratch = threading.local()
+
+
+def scratch(numel: int, dtype: torch.dtype, device: torch.device, slot: int = 0) -> torch.Tensor:
+    """A flat per-thread work buffer of at least ``numel`` elements (reused: no page faults for transient
+    full-size tensors). Valid until the next call with the same ``slot`` on this thread."""
+    buffers: dict[tuple[torch.dtype, torch.device, int], torch.Tensor] = _scratch.__dict__.setdefault("buffers", {})
+    key = (dtype, device, slot)
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def lora_update_reference(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float | torch.Tensor,
+    bias_B: torch.Tensor | None = None,
+    p: float = 0.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain out-of-place ``result + scaling * (dropout(x) @ A.T @ B.T + bias_B)`` as the reference computes it
+    (``nn.Dropout`` then two ``F.linear``), cast back to ``result.dtype``. With ``p > 0`` the keep-mask ``mask``
+    (shape of ``x``) is used when given, else ``F.dropout`` draws one."""
+    x = x.to(A.dtype)
+    if p > 0:
+        x = F.dropout(x, p, training=True) if mask is None else x * mask.to(x.dtype) / (1 - p)
+    delta = F.linear(F.linear(x, A), B, bias_B)
+    return (result + delta * scaling).to(result.dtype)
+
+
+class _DropoutProject(torch.autograd.Function):
+    """``(x * mask) @ A.T * scale`` for ``x: (N, in)``, ``mask: (N, in)`` bool, ``A: (r, in)`` -> ``(N, r)``.
+
+    Saves ``x``, ``A`` and the bool mask (not the dropped copy); backward recomputes ``x * mask`` into a scratch
+    buffer.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, A: torch.Tensor, mask: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        hidden = _masked(x, mask) @ A.t()
+        hidden.mul_(scale)
+        ctx.save_for_backward(x, A, mask)
+        ctx.scale = scale  # type: ignore[attr-defined]
+        return hidden
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor  # type: ignore[override]
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+        x, A, mask = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad = grad * ctx.scale  # type: ignore[attr-defined]  # (N, r): small
+        grad_x = grad_A = None
+        keep = _float_mask(mask, x.dtype)  # converted once for both products
+        if ctx.needs_input_grad[1]:
+            grad_A = grad.t() @ torch.mul(x, keep, out=scratch(x.numel(), x.dtype, x.device).view(x.shape))
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.to(A.dtype) @ A
+            grad_x.mul_(keep)
+        return grad_x, grad_A, None, None
+
+
+def _float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``mask`` as 0/1 in ``dtype``, in a scratch buffer (a bool operand would make torch allocate this copy)."""
+    return scratch(mask.numel(), dtype, mask.device, 1).view(mask.shape).copy_(mask)
+
+
+def _masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x * mask`` in a scratch buffer (valid until the next call)."""
+    return torch.mul(x, _float_mask(mask, x.dtype), out=scratch(x.numel(), x.dtype, x.device).view(x.shape))
+
+
+def lora_hidden(x2d: torch.Tensor, A: torch.Tensor, p: float = 0.0, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """``dropout(x2d) @ A.T``: ``(N, in), (r, in) -> (N, r)``; ``p == 0`` is one matmul, ``p > 0`` goes through
+    :class:`_DropoutProject` with ``mask`` (``(N, in)`` bool, kept values scaled by ``1 / (1 - p)``); without
+    ``mask`` one is drawn by :func:`dropout_mask` (keep probability ``1 - p`` rounded to ``1 / 65536``)."""
+    if p <= 0:
+        return x2d @ A.t()
+    if mask is None:
+        mask, keep = dropout_mask(x2d.shape, p, x2d.device)
+    else:
+        keep = 1.0 - p
+    return _DropoutProject.apply(x2d, A, mask, 1.0 / keep)
+
+
+class _AddLowRankInPlace(torch.autograd.Function):
+    """``result += scaling * hidden @ B.T`` in place on ``result: (..., out)`` itself (``hidden: (N, r)``,
+    ``B: (out, r)``). Written as a function that marks ``result`` dirty because an in-place ``addmm_`` on a
+    2-D *view* of ``result`` would make autograd clone the full-size gradient in backward (``CopySlices``)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, result: torch.Tensor, hidden: torch.Tensor,
+                B: torch.Tensor, scaling: float) -> torch.Tensor:
+        result.view(-1, result.shape[-1]).addmm_(hidden, B.t(), alpha=scaling)
+        ctx.mark_dirty(result)
+        ctx.save_for_backward(hidden, B)
+        ctx.scaling = scaling  # type: ignore[attr-defined]
+        return result
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor  # type: ignore[override]
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, None]:
+        hidden, B = ctx.saved_tensors  # type: ignore[attr-defined]
+        scaling = ctx.scaling  # type: ignore[attr-defined]
+        grad2d = grad.reshape(-1, grad.shape[-1])
+        grad_hidden = grad_B = None
+        if ctx.needs_input_grad[1]:
+            grad_hidden = (grad2d @ B).mul_(scaling)
+        if ctx.needs_input_grad[2]:
+            grad_B = (grad2d.t() @ hidden).mul_(scaling)
+        return grad, grad_hidden, grad_B, None
+
+
+def addmm_into_(result: torch.Tensor, hidden: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``result += scaling * hidden @ B.T`` in place (``result: (..., out)``, ``hidden: (N, r)``, ``B: (out, r)``);
+    through :class:`_AddLowRankInPlace` when autograd records it. Returns ``result``."""
+    if torch.is_grad_enabled() and (result.requires_grad or hidden.requires_grad or B.requires_grad):
+        return _AddLowRankInPlace.apply(result, hidden, B, scaling)
+    result.view(-1, result.shape[-1]).addmm_(hidden, B.t(), alpha=scaling)
+    return result
+
+
+def compute_dtype(x: torch.Tensor, A: torch.Tensor) -> torch.dtype:
+    """The dtype the reference's adapter matmuls run in: the autocast dtype under autocast, else ``A``'s."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and A.is_floating_point():
+        return torch.get_autocast_dtype(device)
+    return A.dtype
+
+
+def add_lora_(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float | torch.Tensor,
+    bias_B: torch.Tensor | None = None,
+    p: float = 0.0,
+    inplace: bool = True,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``result + scaling * (dropout(x) @ A.T @ B.T + bias_B)``, equal to :func:`lora_update_reference`.
+
+    With ``inplace`` (the caller says no autograd node saved ``result``) and a writable ``result`` in the compute
+    dtype, the update goes into ``result`` with one ``addmm_`` and ``result`` itself is returned; otherwise the sum
+    is built out of place (still without the dropped copy of ``x``). ``mask``: the keep-mask (shape of ``x``) for
+    ``p > 0``; drawn when None.
+    """
+    dtype = compute_dtype(x, A)
+    x2d = x.reshape(-1, x.shape[-1])
+    if x2d.dtype != dtype:
+        x2d = x2d.to(dtype)
+    A_c = A if A.dtype == dtype else A.to(dtype)
+    hidden = lora_hidden(x2d, A_c, p, None if mask is None else mask.reshape(x2d.shape))  # (N, r)
+    if isinstance(scaling, torch.Tensor):  # a 0-dim tensor (compiled hot-swap): multiply, don't bake a constant
+        hidden = hidden * scaling
+        bias_B = None if bias_B is None else bias_B * scaling
+        scaling = 1.0
+    if inplace and can_update_inplace(result, dtype):
+        addmm_into_(result, hidden, B if B.dtype == dtype else B.to(dtype), scaling)
+        if bias_B is not None:
+            result.add_(bias_B.to(dtype), alpha=scaling)
+        return result
+    delta = F.linear(hidden, B, bias_B).reshape(*result.shape[:-1], -1)
+    return (result + delta * scaling).to(result.dtype)
+
+
+def dora_add_(
+    result: torch.Tensor,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float | torch.Tensor,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """DoRA on a linear output without dropout: ``f * (result - bias + scaling * x @ A.T @ B.T) + bias`` with
+    ``f = magnitude / norm`` (``(out,)``), which equals ``result + (f - 1) * (result - bias) + f * lora`` of
+    :func:`peftkit.methods.lora.dora.dora_update`. The low-rank update and the bias removal go into ``result``
+    (the base output, which no autograd node saved) in place, so the only new output-sized tensor is the
+    returned one. Returns None (nothing written) when ``result`` is not writable in the compute dtype or
+    ``scaling`` is a tensor."""
+    dtype = compute_dtype(x, A)
+    if not can_update_inplace(result, dtype) or isinstance(scaling, torch.Tensor):
+        return None
+    x2d = x.reshape(-1, x.shape[-1])
+    hidden = lora_hidden(x2d if x2d.dtype == dtype else x2d.to(dtype), A if A.dtype == dtype else A.to(dtype))
+    addmm_into_(result, hidden, B if B.dtype == dtype else B.to(dtype), scaling)
+    factor = (magnitude / norm).to(dtype)
+    if bias is None:
+        return result * factor
+    result.sub_(bias.to(dtype))
+    return torch.addcmul(bias.to(dtype), result, factor)

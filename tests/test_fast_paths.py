@@ -1,0 +1,262 @@
+"""Fast LoRA paths (``peftkit.ops.lora_fused``) against their plain reference: outputs and gradients within 1e-6,
+with and without dropout (same mask), in place and out of place, under bf16 autocast, with several active adapters
+and in mixed batches; and what the dropout path keeps for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import peftkit.ops.lora_fused as fused
+from peftkit import LoraConfig, get_peft_model
+from peftkit.methods.lora.layers import LoraLayer
+from tests.models import CASES_BY_NAME
+
+TOL = {"atol": 1e-6, "rtol": 1e-6}
+
+
+def _leaves(n: int = 6, t: int = 5, d_in: int = 12, r: int = 4, d_out: int = 10, bias: bool = False):
+    g = torch.Generator().manual_seed(0)
+    f64 = {"generator": g, "dtype": torch.float64}  # float64: the 1e-6 bound checks the algebra, not fp32 rounding
+    x = torch.randn(n, t, d_in, **f64, requires_grad=True)
+    A = torch.randn(r, d_in, **f64, requires_grad=True)
+    B = torch.randn(d_out, r, **f64, requires_grad=True)
+    b = torch.randn(d_out, **f64, requires_grad=True) if bias else None
+    W = torch.randn(d_out, d_in, **f64)
+    mask = torch.rand(n, t, d_in, generator=g) >= 0.3
+    return x, A, B, b, W, mask
+
+
+def _grads(loss: torch.Tensor, tensors: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    leaves = [t for t in tensors if t is not None]
+    return list(torch.autograd.grad(loss, leaves))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("inplace", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("tensor_scaling", [False, True])
+def test_add_lora_matches_reference(p, inplace, bias, tensor_scaling):
+    x, A, B, b, W, mask = _leaves(bias=bias)
+    scaling = torch.tensor(1.7) if tensor_scaling else 1.7
+    cot = torch.randn(6, 5, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    outs, grads = [], []
+    for fast in (True, False):
+        base = F.linear(x, W)  # a fresh base output: the in-place path writes into it
+        if fast:
+            out = fused.add_lora_(base, x, A, B, scaling, b, p, inplace, mask=mask)
+            assert (out is base) == inplace
+            assert "CopySlices" not in type(out.grad_fn).__name__  # no full-size gradient clone in backward
+        else:
+            out = fused.lora_update_reference(base, x, A, B, scaling, b, p, mask=mask)
+        outs.append(out)
+        grads.append(_grads((out * cot).sum(), [x, A, B, b]))
+    torch.testing.assert_close(outs[0], outs[1], **TOL)
+    for g_fast, g_ref in zip(*grads):
+        assert g_ref.abs().sum() > 0
+        torch.testing.assert_close(g_fast, g_ref, **TOL)
+
+
+def test_fused_dropout_equals_torch_dropout_with_its_mask():
+    x, A, _, _, _, _ = _leaves()
+    torch.manual_seed(3)
+    dropped = F.dropout(x, 0.25, training=True)
+    mask = dropped.detach() != 0  # x has no zeros: the keep-mask F.dropout drew
+    hidden = fused.lora_hidden(x.reshape(-1, 12), A, 0.25, mask.reshape(-1, 12))
+    ref = dropped.reshape(-1, 12) @ A.t()
+    torch.testing.assert_close(hidden, ref, **TOL)
+    cot = torch.randn_like(ref)
+    for g_fast, g_ref in zip(_grads((hidden * cot).sum(), [x, A]), _grads((ref * cot).sum(), [x, A])):
+        torch.testing.assert_close(g_fast, g_ref, **TOL)
+
+
+def test_drawn_mask_keeps_one_minus_p_and_differs_per_call():
+    (first, keep), (second, _) = (fused.dropout_mask((200, 100), 0.1, torch.device("cpu")) for _ in range(2))
+    assert first.dtype == torch.bool and first.shape == (200, 100)
+    assert abs(keep - 0.9) <= 1 / fused.MASK_LEVELS
+    assert abs(first.float().mean().item() - 0.9) < 0.01
+    assert not torch.equal(first, second)
+    odd, _ = fused.dropout_mask((7, 3), 0.5, torch.device("cpu"))  # not a multiple of 4 elements
+    assert odd.shape == (7, 3)
+
+
+def test_dropout_keeps_only_a_bool_mask_for_backward():
+    """Beyond the no-dropout path, the fused dropout saves one byte per input element (no float noise, no dropped
+    copy of x)."""
+    x, A, B, _, W, mask = _leaves()
+
+    def saved_bytes(p: float) -> int:
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fused.add_lora_(F.linear(x, W), x, A, B, 2.0, None, p, True, mask=mask)
+        return sum(storages.values())
+
+    assert saved_bytes(0.3) - saved_bytes(0.0) == x.numel()
+
+
+# ---------------------------------------------------------------- through the layers
+
+
+def _fixed_masks(monkeypatch) -> list[torch.Tensor]:
+    """Make every drawn dropout mask come from a seeded generator and record it."""
+    drawn: list[torch.Tensor] = []
+    g = torch.Generator().manual_seed(7)
+
+    def draw(shape, p, device):
+        drawn.append(torch.rand(shape, generator=g, device=device) >= p)
+        return drawn[-1], 1 - p
+
+    monkeypatch.setattr(fused, "dropout_mask", draw)
+    return drawn
+
+
+def _plain_update(layer: LoraLayer, x: torch.Tensor, names: list[str], masks: list[torch.Tensor], p: float
+                  ) -> torch.Tensor:
+    """The reference formula written out: base + sum_a s_a * B_a(A_a(x * mask_a / (1 - p)))."""
+    out = layer.base_layer(x)
+    for name, mask in zip(names, masks):
+        dropped = x * mask.reshape(x.shape) / (1 - p) if p > 0 else x
+        delta = F.linear(F.linear(dropped, layer.lora_A[name].weight), layer.lora_B[name].weight)
+        out = out + delta * layer.scaling[name]
+    return out
+
+
+@pytest.mark.parametrize("case", ["custom-mlp", "gpt2-causal"])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_layer_matches_plain_formula_with_several_adapters(monkeypatch, case, p):
+    tc = CASES_BY_NAME[case]
+    torch.manual_seed(0)
+    model = get_peft_model(tc.build(), LoraConfig(target_modules=tc.target_modules, r=4, lora_dropout=p,
+                                                  init_lora_weights=False))
+    model.add_adapter("other", LoraConfig(target_modules=tc.target_modules, r=2, lora_alpha=3, lora_dropout=p,
+                                          init_lora_weights=False))
+    model.base_model.set_adapter(["default", "other"])
+    layer = next(m for m in model.modules() if isinstance(m, LoraLayer)).double()  # float64: see _leaves
+    layer.train()
+    assert layer.fan_in_fan_out == (case == "gpt2-causal")
+    x = torch.randn(3, 4, layer.in_features, dtype=torch.float64, requires_grad=True)
+    drawn = _fixed_masks(monkeypatch)
+    out = layer(x)
+    assert len(drawn) == (2 if p > 0 else 0)
+    ref = _plain_update(layer, x, ["default", "other"], drawn or [None, None], p)
+    torch.testing.assert_close(out, ref, **TOL)
+    params = [x] + [t for n in ("default", "other") for t in (layer.lora_A[n].weight, layer.lora_B[n].weight)]
+    cot = torch.randn_like(out)
+    for g_fast, g_ref in zip(_grads((out * cot).sum(), params), _grads((ref * cot).sum(), params)):
+        assert g_ref.abs().sum() > 0
+        torch.testing.assert_close(g_fast, g_ref, **TOL)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_bf16_autocast_matches_reference(monkeypatch, p):
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 24))
+    model = get_peft_model(base, LoraConfig(target_modules=["0"], r=4, lora_dropout=p, init_lora_weights=False))
+    layer = model.base_model.model[0]
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    drawn = _fixed_masks(monkeypatch)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        ref = fused.lora_update_reference(layer.base_layer(x), x, A, B, layer.scaling["default"], None, p,
+                                          mask=drawn[0].reshape(x.shape) if p > 0 else None)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=1e-2)
+    cot = torch.randn_like(out)
+    g_fast = _grads((out.float() * cot).sum(), [x, A, B])
+    g_ref = _grads((ref.float() * cot).sum(), [x, A, B])
+    for a, b in zip(g_fast, g_ref):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, atol=5e-2, rtol=2e-2)
+
+
+def test_eval_mode_draws_no_mask_and_is_deterministic(monkeypatch):
+    tc = CASES_BY_NAME["custom-mlp"]
+    model = get_peft_model(tc.build(), LoraConfig(target_modules=tc.target_modules, lora_dropout=0.5,
+                                                  init_lora_weights=False)).eval()
+    drawn = _fixed_masks(monkeypatch)
+    inputs = tc.make_inputs(2)
+    with torch.no_grad():
+        first, second = model(**inputs), model(**inputs)
+    assert drawn == []
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+
+
+def test_mixed_batch_rows_equal_single_adapter_rows():
+    tc = CASES_BY_NAME["custom-mlp"]
+    torch.manual_seed(0)
+    model = get_peft_model(tc.build(), LoraConfig(target_modules=tc.target_modules, init_lora_weights=False))
+    model.add_adapter("b", LoraConfig(target_modules=tc.target_modules, r=2, init_lora_weights=False))
+    model.eval()
+    inputs = tc.make_inputs(4)
+    with torch.no_grad():
+        mixed = model(**inputs, adapter_names=["default", "b", "__base__", "b"])
+        model.set_adapter("b")
+        only_b = model(**inputs)
+        with model.disable_adapter():
+            plain = model(**inputs)
+    torch.testing.assert_close(mixed[[1, 3]], only_b[[1, 3]], **TOL)
+    torch.testing.assert_close(mixed[2], plain[2], **TOL)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_dora_linear_in_place_matches_plain_formula(monkeypatch, bias):
+    from peftkit.methods.lora import layers as lora_layers
+    from peftkit.methods.lora.dora import dora_update
+
+    calls = []
+    real = lora_layers.dora_add_
+    monkeypatch.setattr(lora_layers, "dora_add_", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(12, 10, bias=bias)),
+                           LoraConfig(target_modules=["0"], r=4, use_dora=True, init_lora_weights=False))
+    layer = model.base_model.model[0].double()
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight.mul_(1.5)  # m != n: the factor matters
+    x = torch.randn(3, 4, 12, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    assert calls == [1]
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    m = layer.lora_magnitude_vector["default"].weight
+    base = layer.base_layer(x)
+    base_no_bias = base - layer.base_layer.bias if bias else base
+    lora_out = F.linear(F.linear(x, A), B) * layer.scaling["default"]
+    ref = dora_update(base, base_no_bias, lora_out, m, layer.dora_weight_norm("default"))
+    torch.testing.assert_close(out, ref, **TOL)
+    cot = torch.randn_like(out)
+    for g_fast, g_ref in zip(_grads((out * cot).sum(), [x, A, B, m]), _grads((ref * cot).sum(), [x, A, B, m])):
+        assert g_ref.abs().sum() > 0
+        torch.testing.assert_close(g_fast, g_ref, **TOL)
+
+
+def test_inference_path_matches_grad_path_and_honours_base_hooks():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 8))
+    config = LoraConfig(target_modules=["0", "1"], r=4, lora_dropout=0.3, init_lora_weights=False)
+    model = get_peft_model(base, config)
+    model.add_adapter("b", LoraConfig(target_modules=["0"], r=2, lora_bias=True, init_lora_weights=False))
+    model.base_model.set_adapter(["default", "b"])
+    model.eval()
+    layer = model.base_model.model[0]
+    layer.lora_A["b"].double()  # a float64 adapter on a float32 base: added out of place, then cast back
+    layer.lora_B["b"].double()
+    x = torch.randn(3, 5, 12)
+    with torch.no_grad():
+        fast = model(x)
+    slow = model(x)  # grad mode: the general path
+    assert slow.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), atol=1e-6, rtol=1e-6)
+    seen = []
+    handle = layer.base_layer.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    with torch.inference_mode():
+        hooked = model(x)
+    handle.remove()
+    assert seen == [torch.Size([3, 5, 10])]
+    torch.testing.assert_close(hooked, fast, atol=0, rtol=0)
