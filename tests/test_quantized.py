@@ -457,3 +457,16 @@ def test_merge_report_measures_an_inactive_adapter_against_its_own_output():
     with torch.no_grad():
         adapter_effect = (x @ model.base_model.model.lin.get_delta_weight("other").T).abs().max().item()
     assert report.max_output_error <= LAYER_K * quant_error < adapter_effect / 10
+
+
+def test_merge_warning_rebuilds_from_its_message() -> None:
+    """``warnings`` consumers (pytest-xdist) rebuild a warning as ``cls(*warning.args)``: that must work and keep the
+    text, with ``report`` None when only the message is known."""
+    from peftkit.quantization import QuantizedMergeReport
+    from peftkit.quantization.merge import QuantizedMergeRecord
+
+    record = QuantizedMergeRecord(layer="lin", adapter="default", backend="bnb_8bit", output_error=0.5,
+                                  weight_error=0.25)
+    original = QuantizedMergeWarning(QuantizedMergeReport(records=[record]))
+    rebuilt = QuantizedMergeWarning(*original.args)
+    assert str(rebuilt) == str(original) and rebuilt.report is None and original.report is not None

@@ -25,11 +25,14 @@ PROBE_ROWS = 16
 
 
 class QuantizedMergeWarning(PeftWarning):
-    """Emitted after merging into quantized layers; ``.report`` is the :class:`QuantizedMergeReport`."""
+    """Emitted after merging into quantized layers; ``.report`` is the :class:`QuantizedMergeReport`.
 
-    def __init__(self, report: QuantizedMergeReport) -> None:
-        self.report = report
-        super().__init__(report.summary())
+    Built as ``QuantizedMergeWarning(report)``; a plain message string is accepted too (``report`` is then None), so
+    that the warning can be rebuilt from its message, as ``warnings`` machinery and pytest-xdist do."""
+
+    def __init__(self, report: QuantizedMergeReport | str) -> None:
+        self.report = None if isinstance(report, str) else report
+        super().__init__(report if isinstance(report, str) else report.summary())
 
 
 @dataclass(frozen=True)
