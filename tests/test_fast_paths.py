@@ -82,6 +82,19 @@ def test_drawn_mask_keeps_one_minus_p_and_differs_per_call():
     assert odd.shape == (7, 3)
 
 
+def test_drawn_mask_survives_later_draws_and_its_uint8_view_matches_a_float_mask():
+    """The random words are drawn into a reused scratch buffer: a returned mask must not alias it, and the
+    ``uint8`` view the fused multiply uses must equal multiplying by the mask as 0/1 floats."""
+    first, _ = fused.dropout_mask((64, 48), 0.3, torch.device("cpu"))
+    kept = first.clone()
+    fused.dropout_mask((64, 48), 0.3, torch.device("cpu"))
+    assert torch.equal(first, kept)
+    x = torch.randn(64, 48)
+    assert torch.equal(fused._masked(x, first).clone(), x * first.float())
+    strided = first.t()  # a non-contiguous mask
+    assert torch.equal(fused._masked(x.t().contiguous(), strided).clone(), x.t() * strided.float())
+
+
 def test_dropout_keeps_only_a_bool_mask_for_backward():
     """Beyond the no-dropout path, the fused dropout saves one byte per input element (no float noise, no dropped
     copy of x)."""

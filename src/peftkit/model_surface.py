@@ -17,8 +17,10 @@ reference:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,12 +64,11 @@ def declare_labels(func: types.FunctionType, label_names: Sequence[str]) -> type
     return new
 
 
-def bind_forward(model: nn.Module, inner: nn.Module) -> types.MethodType | None:
+def bind_forward(model: nn.Module, inner: nn.Module) -> WeakMethod | None:
     """``type(model).forward`` bound to ``model``, carrying the signature of ``inner.forward`` plus ``adapter_names``.
 
-    Stored as ``model.forward`` (an instance attribute, as TRL and accelerate also patch ``forward``); a bound method
-    copies and pickles with its module (``PeftModel`` drops and rebuilds it around pickling). None when ``inner``'s
-    signature cannot be read.
+    Stored as ``model.forward`` (an instance attribute, as TRL and accelerate also patch ``forward``); it holds
+    ``model`` weakly (see :class:`WeakMethod`). None when ``inner``'s signature cannot be read.
     """
     func = type(model).forward
     try:
@@ -75,11 +76,44 @@ def bind_forward(model: nn.Module, inner: nn.Module) -> types.MethodType | None:
     except (TypeError, ValueError):
         return None
     plain = getattr(func, "_peftkit_plain", func)
-    new = _copy_function(plain)
-    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
-    sig = _insert_keyword_only(inner_sig, ["adapter_names"])
-    new.__signature__ = sig.replace(parameters=[self_param, *sig.parameters.values()])  # type: ignore[attr-defined]
-    return types.MethodType(new, model)
+    return WeakMethod(plain, model, _insert_keyword_only(inner_sig, ["adapter_names"]))
+
+
+class WeakMethod:
+    """``function`` bound to ``model`` like a method (``__func__``, ``__self__``), holding ``model`` weakly.
+
+    Meant to be stored on ``model`` itself: a bound method there would refer back to its module strongly and make
+    every such model a reference cycle, freed only when the cyclic garbage collector next runs (later, and at a cost
+    paid by whatever code runs then) instead of as soon as its last reference goes. ``signature`` (without the
+    model's parameter; by default the function's own minus its first) is what ``inspect.signature`` reports. Copies with ``copy.deepcopy`` and pickles (bound to the
+    copy)."""
+
+    def __init__(self, function: Callable[..., Any], model: nn.Module,
+                 signature: inspect.Signature | None = None) -> None:
+        functools.update_wrapper(self, function)
+        self.__dict__.pop("__signature__", None)
+        self.__func__ = function
+        self._model = weakref.ref(model)
+        if signature is None:  # as for a bound method: the function's own signature without its first parameter
+            own = inspect.signature(function)
+            signature = own.replace(parameters=list(own.parameters.values())[1:])
+        self.__signature__ = signature
+
+    @property
+    def __self__(self) -> nn.Module:
+        model = self._model()
+        if model is None:
+            raise ReferenceError(f"the model {self.__func__.__name__} was bound to no longer exists")
+        return model
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__func__(self.__self__, *args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (WeakMethod, (self.__func__, self.__self__, self.__signature__))
+
+    def __repr__(self) -> str:
+        return f"<peftkit {self.__func__.__name__} bound to {type(self.__self__).__name__}>"
 
 
 # ---------------------------------------------------------------------------------------------------- tied weights

@@ -530,9 +530,12 @@ def _auto_mapping(model: nn.Module) -> dict[str, str] | None:
 
 
 def _is_checkpointing(model: nn.Module) -> bool:
-    flag = getattr(type(model), "is_activation_checkpointing", None)  # transformers 5 name (the old one warns)
-    name = "is_activation_checkpointing" if flag is not None else "is_gradient_checkpointing"
-    return bool(getattr(model, name, False))
+    """transformers' ``is_activation_checkpointing`` (``is_gradient_checkpointing`` before v5): some module has a
+    true ``gradient_checkpointing`` flag. Read from each module's ``__dict__``, where transformers sets it: asking
+    ``hasattr`` of every module costs a raised ``AttributeError`` per module that has none."""
+    if not hasattr(type(model), "is_activation_checkpointing") and not hasattr(type(model), "is_gradient_checkpointing"):
+        return False
+    return any(vars(m).get("gradient_checkpointing") for m in model.modules())
 
 
 #: keyword inputs whose first dimension is the batch, in the order they are looked for

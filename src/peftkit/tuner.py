@@ -108,7 +108,8 @@ class TunerModel(BaseTuner):
         if first:
             self.model.requires_grad_(False)
             self._active = [adapter_name]
-        self._refresh_trainability()
+        # only the touched modules hold the new adapter (and, for the first one, any adapter at all)
+        self._refresh_trainability([self.model.get_submodule(name) for name in dict.fromkeys(applied.touched)])
         return applied
 
     def _check_new_adapter(self, config: PeftConfig, adapter_name: str) -> MethodSpec:
@@ -147,9 +148,12 @@ class TunerModel(BaseTuner):
         self._active = names
         self._refresh_trainability()
 
-    def _refresh_trainability(self) -> None:
-        """Push the active adapters and their trainability to every layer; set bias trainability."""
-        for _, module in self.adapter_modules():
+    def _refresh_trainability(self, modules: list[nn.Module] | None = None) -> None:
+        """Push the active adapters and their trainability to every adapter layer (or just to ``modules``); set bias
+        trainability."""
+        for module in (m for _, m in self.adapter_modules()) if modules is None else modules:
+            if not isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+                continue
             module.set_adapter(self._active, trainable=self._trainable)
             if getattr(module, "disable_adapters", False):
                 module.enable_adapters(False)
@@ -410,3 +414,12 @@ def find_adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     """``(name, layer)`` of every adapter layer in ``model``."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
 
+
+
+def __getattr__(name: str) -> type[TunerModel]:
+    """Module attribute access to the named tuner classes (``peftkit.tuner.LoraModel``), which are created on first
+    use; this is also how ``pickle`` finds them again."""
+    for spec in all_methods():
+        if spec.tuner_name == name:
+            return tuner_class(spec.peft_type)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

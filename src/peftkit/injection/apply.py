@@ -16,26 +16,39 @@ from ..layers.modules_to_save import ModulesToSaveWrapper
 from ..registry import MethodSpec
 from .plan import InjectionPlan
 
-#: while loading: ``{data_ptr: tensor}`` of adapter tensors left uninitialised because a checkpoint fills them
-_PENDING: ContextVar[dict[int, torch.Tensor] | None] = ContextVar("peftkit_pending_init", default=None)
+#: while loading: ``{id(tensor): (tensor, device)}`` of adapter tensors left unfilled because a checkpoint fills them
+_PENDING: ContextVar[dict[int, tuple[torch.Tensor, torch.device]] | None] = ContextVar(
+    "peftkit_pending_init", default=None)
 
 
 @contextmanager
 def weights_follow() -> Iterator[None]:
-    """While active, adapter layers may leave adapter tensors uninitialised (:func:`defer_init`) because a checkpoint
-    overwrites them right after injection (``from_pretrained`` / ``load_adapter``). Loading reports each tensor it
-    writes (:func:`mark_loaded`); on exit every tensor still pending (missing from the checkpoint) is zeroed, so no
-    uninitialised memory survives. Inits that change the base weights (PiSSA, OLoRA) must still run."""
-    pending: dict[int, torch.Tensor] = {}
+    """While active, adapter layers may leave adapter tensors unfilled (:func:`defer_init`) because a checkpoint
+    overwrites them right after injection (``from_pretrained`` / ``load_adapter``): on the meta device, so that the
+    checkpoint tensor is adopted without allocating twice. Loading reports each tensor it writes
+    (:func:`mark_loaded`); on exit every tensor still pending (missing from the checkpoint) becomes zeros on its
+    device, so no unfilled memory or meta tensor survives. Inits that change the base weights (PiSSA, OLoRA) must
+    still run."""
+    pending: dict[int, tuple[torch.Tensor, torch.device]] = {}
     token = _PENDING.set(pending)
     try:
         yield
     finally:
         _PENDING.reset(token)
         with torch.no_grad():
-            for tensor in pending.values():
-                if not tensor.is_meta:
+            for tensor, device in pending.values():
+                if tensor.is_meta:
+                    adopt(tensor, torch.zeros(tensor.shape, dtype=tensor.dtype, device=device))
+                else:
                     tensor.zero_()
+
+
+def adopt(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Make the parameter (or tensor) ``target`` hold ``value``'s storage, whatever device ``target`` is on (e.g.
+    meta), keeping its Python object (so modules, optimizers and hooks holding it see the change), its class and its
+    ``requires_grad``. ``value`` must have ``target``'s shape and dtype and nothing may hold a view of ``target``."""
+    new = nn.Parameter(value, requires_grad=target.requires_grad) if isinstance(target, nn.Parameter) else value
+    torch.utils.swap_tensors(target, new)
 
 
 def skip_random_init() -> bool:
@@ -43,21 +56,25 @@ def skip_random_init() -> bool:
     return _PENDING.get() is not None
 
 
-def defer_init(tensors: Iterable[torch.Tensor]) -> None:
-    """Record uninitialised adapter tensors inside :func:`weights_follow` (zeroed on exit unless loaded)."""
+def defer_init(tensors: Iterable[torch.Tensor], device: torch.device | None = None) -> None:
+    """Record unfilled adapter tensors inside :func:`weights_follow` (zeroed on exit unless loaded). Meta tensors
+    need the ``device`` they belong on."""
     pending = _PENDING.get()
     if pending is None:
         raise RuntimeError("defer_init() outside weights_follow(): adapter tensors would stay uninitialised")
     for tensor in tensors:
-        if not tensor.is_meta and tensor.numel():
-            pending[tensor.data_ptr()] = tensor
+        if tensor.numel() and (device is not None or not tensor.is_meta):
+            pending[id(tensor)] = (tensor, device if device is not None else tensor.device)
 
 
-def mark_loaded(tensor: torch.Tensor) -> None:
-    """Tell :func:`weights_follow` that ``tensor`` (an adapter tensor or a detached view of it) is being fully written."""
+def mark_loaded(tensor: torch.Tensor) -> torch.device | None:
+    """Tell :func:`weights_follow` that ``tensor`` (an adapter parameter) is being fully written; returns the device a
+    deferred tensor belongs on (None when ``tensor`` was not deferred)."""
     pending = _PENDING.get()
-    if pending and not tensor.is_meta and tensor.numel():
-        pending.pop(tensor.data_ptr(), None)
+    if not pending:
+        return None
+    entry = pending.pop(id(tensor), None)
+    return None if entry is None else entry[1]
 
 
 @dataclass

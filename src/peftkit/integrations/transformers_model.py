@@ -27,10 +27,8 @@ the user's config is never modified, and ``set_adapter`` keeps each adapter's ow
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -40,6 +38,7 @@ from torch.nn.modules.module import _IncompatibleKeys
 from ..config import PeftConfig
 from ..errors import AdapterExistsError, AdapterNotFoundError, ConfigError, PeftWarning
 from ..fileio import HUB_KWARGS
+from ..model_surface import WeakMethod
 from ..peft_model import _config_for_model
 from ..registry import get_method
 from ..serialization.files import load_peft_weights, save_weights
@@ -351,24 +350,5 @@ def bind_adapter_methods(model: nn.Module) -> nn.Module:
     writes the active adapter in the adapter file format. Called by :func:`add_adapter` / :func:`load_adapter`.
     """
     for name, function in _BOUND.items():
-        object.__setattr__(model, name, _BoundFunction(function, model))
+        object.__setattr__(model, name, WeakMethod(function, model))
     return model
-
-
-class _BoundFunction:
-    """``function`` with ``model`` as first argument; survives ``copy.deepcopy`` and pickling (then bound to the
-    copy), which a ``types.MethodType`` in the instance ``__dict__`` does not."""
-
-    def __init__(self, function: Callable[..., Any], model: nn.Module) -> None:
-        self.function = function
-        self.model = model
-        functools.update_wrapper(self, function)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.function(self.model, *args, **kwargs)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_BoundFunction, (self.function, self.model))
-
-    def __repr__(self) -> str:
-        return f"<peftkit {self.function.__name__} bound to {type(self.model).__name__}>"

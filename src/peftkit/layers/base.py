@@ -56,15 +56,19 @@ class AdapterLayer(AdapterState, nn.Module):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self._active_adapter: list[str] = []
-        self.merged_adapters: list[str] = []
-        self._disable_adapters = False
-        # adapters that take part in forward: active, present here and not merged. Refreshed on every change.
-        self._forward_adapters: tuple[str, ...] = ()
-        # per-row adapter names while a mixed batch runs (set by TunerModel.mixed_batch), else None
-        self._row_adapters: tuple[str, ...] | None = None
-        self._row_cache: tuple[object, RowPlan] | None = None
-        self._stack_cache: tuple[object, Any] | None = None
+        # plain attributes of a fresh module (none is a property, Parameter, Module or buffer): set directly, since
+        # nn.Module.__setattr__ costs a few µs each and every adapted layer of a model runs this
+        vars(self).update(
+            _active_adapter=[],  # list[str]
+            merged_adapters=[],  # list[str]
+            _disable_adapters=False,
+            # adapters that take part in forward: active, present here and not merged. Refreshed on every change.
+            _forward_adapters=(),  # tuple[str, ...]
+            # per-row adapter names while a mixed batch runs (set by TunerModel.mixed_batch), else None
+            _row_adapters=None,  # tuple[str, ...] | None
+            _row_cache=None,  # tuple[object, RowPlan] | None
+            _stack_cache=None,  # tuple[object, Any] | None
+        )
 
     # ------------------------------------------------------------------ state
     @property
@@ -92,8 +96,9 @@ class AdapterLayer(AdapterState, nn.Module):
     def adapter_names(self) -> list[str]:
         """Names of the adapters this layer holds, in insertion order."""
         names: dict[str, None] = {}
+        attrs, modules = vars(self), self._modules  # direct lookups: nn.Module.__getattr__ is slow and this is hot
         for attr in self.adapter_layer_names + self.other_param_names:
-            holder = getattr(self, attr, None)
+            holder = modules[attr] if attr in modules else attrs.get(attr)
             if holder is not None:
                 names.update(dict.fromkeys(holder.keys()))
         return list(names)
@@ -136,7 +141,12 @@ class AdapterLayer(AdapterState, nn.Module):
             if adapter_name not in holder:
                 continue
             item = holder[adapter_name]
-            params.extend(item.parameters() if isinstance(item, nn.Module) else [item])
+            if not isinstance(item, nn.Module):
+                params.append(item)
+            elif item._modules:
+                params.extend(item.parameters())
+            else:  # a leaf module (nn.Linear, ...): its own parameters, without a recursive walk
+                params.extend(p for p in item._parameters.values() if p is not None)
         return params
 
     def delete_adapter(self, adapter_name: str) -> None:

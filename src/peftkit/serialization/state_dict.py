@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from ..errors import AdapterLoadError, AdapterNotFoundError, PeftWarning, ShapeMismatchError, closest_names
-from ..injection.apply import mark_loaded
+from ..injection.apply import adopt, mark_loaded
 from ..layers.base import AdapterLayer
 from ..layers.modules_to_save import ModulesToSaveWrapper
 from ..layers.prompt import PromptEncoderDict
@@ -234,8 +234,10 @@ def set_peft_model_state_dict(
     if prepare is not None:
         prepare(model, config, adapter_name)
     expected = {_strip(k): v for k, v in adapter_tensor_map(model, adapter_name).items()}
-    embeddings = {_strip(k): v for k, v in embedding_tensor_map(model).items()}
     incoming = _apply_key_mapping(list(peft_model_state_dict), key_mapping)
+    # embedding matrices are looked for only when the checkpoint holds keys that are not adapter tensors
+    embeddings = {} if expected.keys() >= incoming.keys() else {
+        _strip(k): v for k, v in embedding_tensor_map(model).items()}
     plan: list[tuple[torch.Tensor, torch.Tensor]] = []
     mismatched: list[str] = []
     unexpected: list[str] = []
@@ -279,9 +281,10 @@ def _copy(plan: list[tuple[torch.Tensor, torch.Tensor]], assign: bool) -> None:
     that can share the value (:func:`_can_assign`) take it as their data; others are copied into."""
     with torch.no_grad():
         for target, value in plan:
-            mark_loaded(target)
+            device = mark_loaded(target)  # the device of an adapter tensor left on meta while loading
             if target.is_meta:
-                target.data = value.to(dtype=target.dtype)
+                moved = value.to(device=device or value.device, dtype=target.dtype)
+                adopt(target, moved if assign or moved is not value else value.clone())
             elif assign and _can_assign(target, value):
                 target.data = value
             else:

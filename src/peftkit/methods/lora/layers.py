@@ -103,14 +103,17 @@ class LoraLayer(AdapterLayer):
         self.scaling[adapter_name] = lora_scaling(r, lora_alpha, use_rslora)
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
         weight = self.get_base_layer().weight
-        factory = {"device": weight.device, "dtype": dtype or weight.dtype}
+        # meta: nothing to fill. Loading: A and B stay on meta and adopt the checkpoint's tensors (missing ones
+        # become zeros after it); PiSSA/OLoRA change the base weight and DoRA's magnitude is computed from A and B,
+        # so they always init.
+        init = uses_base_weight(init_lora_weights) or use_dora or not (weight.is_meta or skip_random_init())
+        deferred = not init and not weight.is_meta
+        factory = {"device": torch.device("meta") if deferred else weight.device, "dtype": dtype or weight.dtype}
         self._create(adapter_name, r, lora_bias, factory)
-        # meta: nothing to fill. Loading: the checkpoint overwrites A and B (missing ones are zeroed after it);
-        # PiSSA/OLoRA change the base weight and DoRA's magnitude is computed from A and B, so they always init.
-        if uses_base_weight(init_lora_weights) or use_dora or not (weight.is_meta or skip_random_init()):
+        if init:
             self._init(adapter_name, init_lora_weights)
-        elif not weight.is_meta:
-            defer_init(self.adapter_parameters(adapter_name))
+        elif deferred:
+            defer_init(self.adapter_parameters(adapter_name), weight.device)
         if use_dora:
             self._create_dora(adapter_name)
         self._refresh()
@@ -653,7 +656,13 @@ def _empty_linear(in_features: int, out_features: int, bias: bool = True, *, dev
     same module ``nn.Linear(...)`` builds, minus ``reset_parameters`` (about 8x cheaper per adapter)."""
     module = nn.Linear.__new__(nn.Linear)
     nn.Module.__init__(module)
-    module.in_features, module.out_features = in_features, out_features
-    module.weight = nn.Parameter(torch.empty((out_features, in_features), device=device, dtype=dtype))
-    module.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+    weight = nn.Parameter(torch.empty((out_features, in_features), device=device, dtype=dtype))
+    bias_param = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+    if torch_module._global_parameter_registration_hooks:  # someone watches registrations: go through them
+        module.in_features, module.out_features = in_features, out_features
+        module.weight, module.bias = weight, bias_param
+        return module
+    # what nn.Module.__setattr__ does for these names on a fresh module, without its per-call checks
+    vars(module).update(in_features=in_features, out_features=out_features)
+    module._parameters.update(weight=weight, bias=bias_param)
     return module
