@@ -4,6 +4,7 @@ reclaimed later, at a cost paid by whatever code happens to run then."""
 
 from __future__ import annotations
 
+import copy
 import gc
 import inspect
 import pickle
@@ -62,7 +63,7 @@ def test_forward_keeps_signature_copies_and_pickles_with_its_model() -> None:
     assert model.forward.__self__ is model
     ids = torch.tensor([[1, 2, 3]])
     expected = model(input_ids=ids).logits
-    for clone in (pickle.loads(pickle.dumps(model)), __import__("copy").deepcopy(model)):
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
         assert clone.forward.__self__ is clone
         assert torch.equal(clone(input_ids=ids).logits, expected)
 
