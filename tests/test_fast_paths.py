@@ -273,3 +273,75 @@ def test_inference_path_matches_grad_path_and_honours_base_hooks():
     handle.remove()
     assert seen == [torch.Size([3, 5, 10])]
     torch.testing.assert_close(hooked, fast, atol=0, rtol=0)
+
+
+def _lean_model(r: int = 4) -> tuple[nn.Module, LoraLayer]:
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 8)),
+                           LoraConfig(target_modules=["0", "1"], r=r, init_lora_weights=False)).eval()
+    return model, model.base_model.model[0]
+
+
+def _grad_path(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x).detach()  # grad mode: the general path, no cache
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 12), (2, 3, 12), (40, 50, 12)])  # decoding, few rows, many rows
+def test_no_grad_path_matches_grad_path_for_every_input_size(shape):
+    model, layer = _lean_model()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        fast = model(x)
+    assert "default" in layer._bt_cache  # the lean path ran
+    torch.testing.assert_close(fast, _grad_path(model, x), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("change", ["inplace_B", "data_B", "replace_B", "inplace_A", "set_scale", "scaling_dict"])
+def test_no_grad_cache_follows_every_change_of_the_adapter(change):
+    model, layer = _lean_model()
+    x = torch.randn(1, 1, 12)
+    with torch.no_grad():
+        before = model(x)
+        B = layer.lora_B["default"].weight
+        if change == "inplace_B":
+            B.mul_(2.0)
+        elif change == "data_B":
+            B.data = B.data * 2.0
+        elif change == "replace_B":
+            layer.lora_B["default"].weight = nn.Parameter(B.detach() * 2.0)
+        elif change == "inplace_A":
+            layer.lora_A["default"].weight.mul_(2.0)
+        elif change == "set_scale":
+            layer.set_scale("default", 2.0)
+        else:
+            layer.scaling["default"] = layer.scaling["default"] * 2.0
+        after = model(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, _grad_path(model, x), atol=1e-6, rtol=1e-6)
+
+
+def test_no_grad_cache_is_dropped_by_train_and_delete_and_skipped_with_dropout():
+    model, layer = _lean_model()
+    x = torch.randn(1, 1, 12)
+    with torch.no_grad():
+        model(x)
+    assert set(layer._bt_cache) == {"default"}
+    model.train()
+    assert layer._bt_cache == {}
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    model.add_adapter("other", LoraConfig(target_modules=["0"], r=2, lora_dropout=0.5, init_lora_weights=False))
+    model.base_model.set_adapter(["default", "other"])
+    model.train()  # dropout active: the no-grad forward takes the general path and caches nothing for it
+    with torch.no_grad():
+        model(x)
+    assert "other" not in layer._bt_cache
+    model.eval()
+    with torch.no_grad():
+        both = model(x)
+    assert set(layer._bt_cache) == {"default", "other"}
+    torch.testing.assert_close(both, _grad_path(model, x), atol=1e-6, rtol=1e-6)
+    model.base_model.set_adapter("default")
+    model.delete_adapter("other")
+    assert "other" not in layer._bt_cache

@@ -1,13 +1,21 @@
 """``ops.lowrank``: the in-place fast path ``add_lowrank_`` equals ``lowrank_update_reference`` in values and
-gradients, and falls back to the reference when writing in place is not allowed."""
+gradients, and falls back to the reference when writing in place is not allowed; the no-grad form with a pre-scaled,
+pre-transposed B equals the reference."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peftkit.ops.lowrank import add_lowrank_, can_update_inplace, lowrank_update_reference
+from peftkit.ops.lowrank import (
+    add_lowrank_,
+    add_lowrank_pretransposed_,
+    can_update_inplace,
+    lowrank_update_reference,
+    scaled_transpose,
+)
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -124,3 +132,20 @@ def test_reference_formula_with_bias():
     bias = torch.tensor([0.5])
     out = lowrank_update_reference(torch.tensor([[10.0]]), x, A, B, 2.0, bias)
     torch.testing.assert_close(out, torch.tensor([[10.0 + 2.0 * (3.0 + 0.5)]]))
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pretransposed_update_equals_reference(rows, dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, 12, generator=g, dtype=dtype)
+    A = torch.randn(4, 12, generator=g, dtype=dtype)
+    B = torch.randn(10, 4, generator=g, dtype=dtype)
+    result = torch.randn(rows, 10, generator=g, dtype=dtype)
+    expected = lowrank_update_reference(result.clone(), x, A, B, 1.7)
+    Bt = scaled_transpose(B, 1.7)
+    assert Bt.shape == (4, 10) and Bt.is_contiguous()
+    out = add_lowrank_pretransposed_(result, x, A, Bt)
+    assert out is result  # in place
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)

@@ -72,3 +72,19 @@ def add_scaled_(result: torch.Tensor, delta: torch.Tensor, scaling: float | torc
     if isinstance(scaling, torch.Tensor):
         return result.add_(delta * scaling)
     return result.add_(delta, alpha=scaling)
+
+
+def scaled_transpose(B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``scaling * B.T`` as a new contiguous ``(r, out)`` tensor (``B: (out, r)``), the operand of
+    :func:`add_lowrank_pretransposed_`."""
+    return torch.mul(B.t(), scaling).contiguous()
+
+
+def add_lowrank_pretransposed_(out2d: torch.Tensor, x2d: torch.Tensor, A: torch.Tensor, Bt_scaled: torch.Tensor
+                               ) -> torch.Tensor:
+    """``out2d += (x2d @ A.T) @ Bt_scaled`` in place: ``out2d: (N, out)``, ``x2d: (N, in)``, ``A: (r, in)``,
+    ``Bt_scaled = scaled_transpose(B, scaling): (r, out)`` contiguous. Equals :func:`lowrank_update_reference` of
+    ``(B, scaling)`` up to rounding (the scale is applied to ``B`` before the product instead of after it). No
+    autograd: for no-grad inference, where a row-major second operand makes the small product several times
+    cheaper at decode shapes (N of a few rows) than ``B.t()``."""
+    return out2d.addmm_(torch.nn.functional.linear(x2d, A), Bt_scaled)
