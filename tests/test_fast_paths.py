@@ -345,3 +345,19 @@ def test_no_grad_cache_is_dropped_by_train_and_delete_and_skipped_with_dropout()
     model.base_model.set_adapter("default")
     model.delete_adapter("other")
     assert "other" not in layer._bt_cache
+
+
+def test_no_grad_path_with_inference_tensor_weights_never_caches():
+    with torch.inference_mode():  # adapters built here hold inference tensors (no version counter)
+        _model, layer = _lean_model()
+        x = torch.randn(1, 1, 12)
+        first = layer(x)
+        B = layer.lora_B["default"].weight
+        assert B.is_inference()
+        B.mul_(2.0)  # an in-place change no version counter records
+        second = layer(x)
+        A, W, b = layer.lora_A["default"].weight, layer.base_layer.weight, layer.base_layer.bias
+        expected = F.linear(x, W, b) + F.linear(F.linear(x, A), B) * layer.scaling["default"]
+    assert layer._bt_cache == {}
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second, expected, atol=1e-6, rtol=1e-6)

@@ -352,3 +352,49 @@ def test_load_adapter_not_activated_and_trainability(tmp_path, is_trainable):
     torch.testing.assert_close(_logits(pm, inputs), _logits(source, inputs), atol=1e-6, rtol=0)
     assert all(p.requires_grad is is_trainable for p in second)
     assert not any(p.requires_grad for n, p in pm.named_parameters() if ".default." in n)
+
+
+def _mixed_file(tmp_path) -> tuple[str, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(5)
+    tensors = {
+        "a": torch.randn(7, 5, generator=g), "b": torch.randn(3, generator=g).to(torch.bfloat16),
+        "empty": torch.zeros(0, 4), "c": torch.randint(0, 9, (11,), generator=g), "d": torch.randn(2, 2, 2, generator=g),
+    }
+    path = str(tmp_path / "w.safetensors")
+    safetensors.torch.save_file(tensors, path)
+    return path, tensors
+
+
+@pytest.mark.parametrize("mode", ["preadv", "partial", "no_preadv"])
+def test_whole_file_read_equals_safetensors(tmp_path, monkeypatch, mode):
+    path, tensors = _mixed_file(tmp_path)
+    real = getattr(os, "preadv", None)
+    if mode == "partial" and real is not None:  # the OS returns at most 9 bytes per call: reads must continue
+        calls = []
+        monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: calls.append(off) or real(fd, _first_bytes(bufs, 9), off))
+    elif mode == "no_preadv" and real is not None:
+        monkeypatch.delattr(os, "preadv")
+    loaded = files_module._read_whole_file(path)
+    assert loaded is not None and loaded.keys() == tensors.keys()
+    for key, tensor in tensors.items():
+        assert loaded[key].dtype == tensor.dtype and torch.equal(loaded[key], tensor)
+    storages = {t.untyped_storage().data_ptr() for t in loaded.values() if t.numel()}
+    assert len(storages) == 4  # each tensor owns its storage
+    if mode == "partial" and real is not None:
+        assert len(calls) > 10
+
+
+def _first_bytes(buffers: list[memoryview], limit: int) -> list[memoryview]:
+    out = []
+    for buf in buffers:
+        if limit <= 0:
+            break
+        out.append(buf[:limit])
+        limit -= len(out[-1])
+    return out
+
+
+def test_whole_file_read_reports_a_short_read(tmp_path, monkeypatch):
+    path, _ = _mixed_file(tmp_path)
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: 0, raising=False)  # the file shrank under us
+    assert files_module._read_whole_file(path) is None

@@ -38,6 +38,7 @@ from .model_surface import (
     enable_input_grads,
     forgive_tied_aliases,
 )
+from .module_utils import gc_paused, parameter_grads, walk_modules
 from .registry import get_method
 from .serialization.files import load_peft_weights, save_weights
 from .serialization.model_card import render_model_card, write_model_card
@@ -365,9 +366,9 @@ class PeftModel(nn.Module):
         target_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(config.task_type), cls)
         if key_mapping is None:
             key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None
-        grads = {name: p.requires_grad for name, p in model.named_parameters()}
+        grads = parameter_grads(model)  # restored if loading fails
         try:
-            with _skip_init_unless(is_trainable):
+            with _skip_init_unless(is_trainable), gc_paused():
                 peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                         low_cpu_mem_usage=low_cpu_mem_usage)
                 try:
@@ -379,8 +380,8 @@ class PeftModel(nn.Module):
                     peft_model.base_model.unload()
                     raise
         except BaseException:
-            for name, p in model.named_parameters():
-                p.requires_grad_(grads.get(name, p.requires_grad))
+            for param, grad in grads:
+                param.requires_grad_(grad)
             raise
         _warn_incompatible(result)
         if not is_trainable:
@@ -535,7 +536,7 @@ def _is_checkpointing(model: nn.Module) -> bool:
     ``hasattr`` of every module costs a raised ``AttributeError`` per module that has none."""
     if not hasattr(type(model), "is_activation_checkpointing") and not hasattr(type(model), "is_gradient_checkpointing"):
         return False
-    return any(vars(m).get("gradient_checkpointing") for m in model.modules())
+    return any(vars(m).get("gradient_checkpointing") for _, m in walk_modules(model))
 
 
 #: keyword inputs whose first dimension is the batch, in the order they are looked for

@@ -20,6 +20,7 @@ from .injection.apply import AppliedPlan, apply_plan, rollback, set_submodule
 from .injection.plan import InjectionPlan, plan_injection
 from .layers.base import AdapterLayer
 from .layers.modules_to_save import ModulesToSaveWrapper
+from .module_utils import freeze, gc_paused, walk_modules
 from .quantization import (
     QuantizedMergeReport,
     QuantizedMergeWarning,
@@ -73,7 +74,7 @@ class TunerModel(BaseTuner):
     # ------------------------------------------------------------------ adapters
     def adapter_modules(self) -> Iterator[tuple[str, AdapterLayer | ModulesToSaveWrapper]]:
         """``(name, module)`` of every adapter layer and ``modules_to_save`` wrapper in the model."""
-        for name, module in self.model.named_modules():
+        for name, module in walk_modules(self.model):
             if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
                 yield name, module
 
@@ -98,7 +99,8 @@ class TunerModel(BaseTuner):
         method = self._check_new_adapter(config, adapter_name)
         plan = plan_injection(self.model, config, adapter_name, method, self._task_heads)
         first = not self.peft_config
-        applied = apply_plan(self.model, plan, config, method, autocast_adapter_dtype)
+        with gc_paused():  # thousands of small long-lived objects: no collection passes while they are made
+            applied = apply_plan(self.model, plan, config, method, autocast_adapter_dtype)
         make_quantized_layers_trainable(self.model)  # e.g. bnb 4-bit CPU repacking would cut gradients off
         self.peft_config[adapter_name] = config.copy(**_resolved_fields(config, plan))
         self._trainable[adapter_name] = not config.inference_mode
@@ -106,7 +108,7 @@ class TunerModel(BaseTuner):
         self._loss_term = method.loss_term
         self.targeted_module_names = sorted({*self.targeted_module_names, *(lp.name for lp in plan.layers)})
         if first:
-            self.model.requires_grad_(False)
+            freeze(self.model)  # model.requires_grad_(False) in one walk
             self._active = [adapter_name]
         # only the touched modules hold the new adapter (and, for the first one, any adapter at all)
         self._refresh_trainability([self.model.get_submodule(name) for name in dict.fromkeys(applied.touched)])
@@ -412,7 +414,7 @@ def tuner_class(peft_type: object) -> type[TunerModel]:
 
 def find_adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     """``(name, layer)`` of every adapter layer in ``model``."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterLayer)]
+    return [(n, m) for n, m in walk_modules(model) if isinstance(m, AdapterLayer)]
 
 
 

@@ -18,6 +18,7 @@ from ..errors import NoMatchingPeftModuleError, PeftWarning, closest_names
 from ..layers.base import AdapterLayer
 from ..layers.dispatch import is_linear_like
 from ..layers.modules_to_save import ModulesToSaveWrapper
+from ..module_utils import walk_modules
 from ..registry import MethodSpec
 from .match import ALL_LINEAR, in_layers, inside_any, matches
 
@@ -61,7 +62,7 @@ def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` of every module an adapter could target: adapter wrappers count as the module they
     wrap, and their internals (``base_layer``, ``lora_A``, copies of ``modules_to_save``) are skipped."""
     skip: list[str] = []
-    for name, module in model.named_modules():
+    for name, module in walk_modules(model):
         if not name or any(name.startswith(prefix) for prefix in skip):
             continue
         if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import MergeError, PeftWarning
+from ..module_utils import init_module_state, set_training
 from ..ops.batched import contiguous_runs
 
 
@@ -54,7 +55,7 @@ class AdapterLayer(AdapterState, nn.Module):
     other_param_names: tuple[str, ...] = ()
 
     def __init__(self, base_layer: nn.Module) -> None:
-        super().__init__()
+        init_module_state(self)  # nn.Module.__init__'s state, ~2x cheaper (module_utils); every adapted layer runs this
         self.base_layer = base_layer
         # plain attributes of a fresh module (none is a property, Parameter, Module or buffer): set directly, since
         # nn.Module.__setattr__ costs a few µs each and every adapted layer of a model runs this
@@ -71,6 +72,22 @@ class AdapterLayer(AdapterState, nn.Module):
         )
 
     # ------------------------------------------------------------------ state
+    def train(self, mode: bool = True) -> AdapterLayer:
+        """As ``nn.Module.train``: the base layer through its own ``train``; the adapter internals (plain torch
+        containers and layers, about ten modules per layer) get the flag directly (:func:`set_training`), which
+        makes ``model.eval()`` / ``model.train()`` of an adapted model several times cheaper."""
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")  # noqa: TRY004 - as nn.Module.train
+        self.__dict__["training"] = mode
+        for name, child in self._modules.items():
+            if child is None:
+                continue
+            if name == "base_layer":
+                child.train(mode)
+            else:
+                set_training(child, mode)
+        return self
+
     @property
     def merged(self) -> bool:
         """True when at least one adapter is merged into the base weights."""

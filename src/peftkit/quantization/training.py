@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..layers.base import AdapterLayer
+from ..module_utils import walk_modules
 from .backends import backend_of
 
 #: ``quantization_method`` values whose non-quantized parameters must keep their dtype (as the reference)
@@ -18,7 +20,9 @@ def make_quantized_layers_trainable(model: nn.Module) -> int:
     """Let every quantized linear of ``model`` pass gradients: each backend undoes and disables its
     inference-only state (bitsandbytes 4-bit CPU repacking). Returns how many quantized layers were seen."""
     count = 0
-    for module in model.modules():
+    for _, module in walk_modules(model, leaves=(AdapterLayer,)):  # an adapter layer: only its base layer
+        if isinstance(module, AdapterLayer):
+            module = module.get_base_layer()
         backend = backend_of(module)
         if backend is not None:
             backend.prepare(module)

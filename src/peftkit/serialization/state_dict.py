@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -21,6 +20,7 @@ from ..injection.apply import adopt, mark_loaded
 from ..layers.base import AdapterLayer
 from ..layers.modules_to_save import ModulesToSaveWrapper
 from ..layers.prompt import PromptEncoderDict
+from ..module_utils import walk_modules
 from ..registry import get_method
 
 WRAPPER_PREFIX = "base_model.model."
@@ -76,24 +76,6 @@ def adapter_tensor_map(model: nn.Module, adapter_name: str) -> TensorMap:
             if name.endswith(".bias") and name not in taken and _outside_internals(name):
                 result[name] = (name, param)
     return result
-
-
-def walk_modules(model: nn.Module, leaves: tuple[type, ...]) -> Iterator[tuple[str, nn.Module]]:
-    """``model.named_modules()`` (same order, each module once) except that modules of the ``leaves`` types are
-    yielded but not descended into: one linear walk instead of re-checking every name against every adapter."""
-    seen: set[int] = set()
-    stack: list[tuple[str, nn.Module]] = [("", model)]
-    while stack:
-        path, module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        yield path, module
-        if isinstance(module, leaves):
-            continue
-        prefix = path + "." if path else ""
-        children = [(prefix + name, child) for name, child in module._modules.items() if child is not None]
-        stack.extend(reversed(children))
 
 
 #: path segments that FSDP1 and torch's activation-checkpoint wrappers insert; never part of a checkpoint key
