@@ -287,9 +287,11 @@ def _grad_path(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 12), (2, 3, 12), (40, 50, 12)])  # decoding, few rows, many rows
-def test_no_grad_path_matches_grad_path_for_every_input_size(shape):
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_no_grad_path_matches_grad_path_for_every_input_size(shape, contiguous):
     model, layer = _lean_model()
-    x = torch.randn(*shape)
+    x = torch.randn(*shape) if contiguous else torch.randn(shape[1], shape[0], shape[2]).transpose(0, 1)
+    assert x.is_contiguous() is (contiguous or shape[0] == shape[1] == 1)
     with torch.no_grad():
         fast = model(x)
     assert "default" in layer._bt_cache  # the lean path ran
@@ -361,3 +363,62 @@ def test_no_grad_path_with_inference_tensor_weights_never_caches():
     assert layer._bt_cache == {}
     assert not torch.allclose(first, second)
     torch.testing.assert_close(second, expected, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("block", [12, 24, 36, 1 << 16])  # one row per block, two, three (a short last block), all
+@pytest.mark.parametrize("need", ["both", "x_only", "A_only"])
+def test_blocked_dropout_projection_equals_full_size_passes(monkeypatch, block, need):
+    x, A, _, _, _, mask = _leaves(n=4, t=5)  # x: (4, 5, 12) float64: 20 rows of 12
+    x2d, mask2d = x.detach().reshape(-1, 12).requires_grad_(need != "A_only"), mask.reshape(-1, 12)
+    A = A.detach().requires_grad_(need != "x_only")
+    cot = torch.randn(20, A.shape[0], dtype=torch.float64)
+    monkeypatch.setattr(fused, "BLOCK_ELEMENTS", block)
+    assert len(fused.row_blocks(20, 12)) == -(-20 // max(1, block // 12))
+    blocked = fused._DropoutProject.apply(x2d, A, mask2d, 1.7)
+    leaves = [t for t in (x2d, A) if t.requires_grad]
+    g_blocked = torch.autograd.grad((blocked * cot).sum(), leaves)
+    monkeypatch.setattr(fused, "_blocked", lambda t: False)
+    full = fused._DropoutProject.apply(x2d, A, mask2d, 1.7)
+    g_full = torch.autograd.grad((full * cot).sum(), leaves)
+    plain = (x2d * mask2d) @ A.t() * 1.7
+    g_plain = torch.autograd.grad((plain * cot).sum(), leaves)
+    torch.testing.assert_close(blocked, plain, **TOL)
+    torch.testing.assert_close(full, plain, **TOL)
+    for a, b, c in zip(g_blocked, g_full, g_plain):
+        torch.testing.assert_close(a, c, **TOL)
+        torch.testing.assert_close(b, c, **TOL)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("block", [24, 1 << 16])  # several row blocks, one
+@pytest.mark.parametrize("need", ["all", "adapter_only", "input_only"])
+def test_fused_linear_lora_equals_reference(monkeypatch, p, bias, block, need):
+    x, A, B, b, W, mask = _leaves(bias=bias)
+    x.requires_grad_(need != "adapter_only")
+    A.requires_grad_(need != "input_only")
+    B.requires_grad_(need != "input_only")
+    monkeypatch.setattr(fused, "BLOCK_ELEMENTS", block)
+    out = fused.linear_lora(x, W, b, A, B, 1.7, p, mask if p > 0 else None)
+    ref = fused.lora_update_reference(F.linear(x, W, b), x, A, B, 1.7, None, p, mask if p > 0 else None)
+    torch.testing.assert_close(out, ref, **TOL)
+    cot = torch.randn_like(out)
+    leaves = [t for t in (x, A, B, b) if t is not None and t.requires_grad]
+    for g_fast, g_ref in zip(_grads((out * cot).sum(), leaves), _grads((ref * cot).sum(), leaves)):
+        assert g_ref.abs().sum() > 0
+        torch.testing.assert_close(g_fast, g_ref, **TOL)
+
+
+def test_training_layer_runs_base_and_adapter_as_one_node_and_keeps_only_the_mask():
+    torch.manual_seed(0)
+    model = get_peft_model(nn.Sequential(nn.Linear(12, 10)),
+                           LoraConfig(target_modules=["0"], r=4, lora_dropout=0.5, init_lora_weights=False)).train()
+    x = torch.randn(3, 5, 12, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = model(x)
+    assert type(out.grad_fn).__name__ == "ViewBackward0"
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "_LinearLoRABackward"
+    big = [t for t in saved if t.numel() >= x.numel()]
+    assert sorted(str(t.dtype) for t in big) == ["torch.bool", "torch.float32"]  # x itself and the mask
+    assert any(t.data_ptr() == x.data_ptr() for t in big)  # x itself, not a dropped copy

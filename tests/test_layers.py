@@ -270,7 +270,14 @@ def test_linear_layers_take_the_inplace_path(monkeypatch):
         calls.append(out is result)
         return out
 
+    fused = []
+    real_fused = lora_layers.linear_lora
     monkeypatch.setattr(lora_layers, "add_lora_", spy)
+    monkeypatch.setattr(lora_layers, "linear_lora", lambda *a: fused.append(1) or real_fused(*a))
     model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "down_proj"], init_lora_weights=False))
-    model(**causal_lm_inputs(2)).loss.backward()  # training mode, with autograd
-    assert len(calls) == 4 and all(calls)
+    model(**causal_lm_inputs(2)).loss.backward()  # training mode, one adapter: the fused base + adapter node
+    assert len(fused) == 4 and calls == []
+    model.add_adapter("other", LoraConfig(target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    model.base_model.set_adapter(["default", "other"])
+    model(**causal_lm_inputs(2)).loss.backward()  # two adapters: each added into the base output in place
+    assert len(fused) == 4 and len(calls) == 8 and all(calls)

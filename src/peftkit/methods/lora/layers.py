@@ -22,7 +22,7 @@ from ...layers.base import AdapterLayer
 from ...layers.dispatch import inplace_safe
 from ...module_utils import add_child, init_module_state, new_module
 from ...ops.batched import add_mixed_lowrank_, mixed_embedding_hidden, stack_adapters
-from ...ops.lora_fused import add_lora_, dora_add_
+from ...ops.lora_fused import add_lora_, dora_add_, linear_lora
 from ...ops.lowrank import add_lowrank_pretransposed_, add_scaled_, can_update_inplace, scaled_transpose
 from .dora import DoraMagnitude, dora_update, view_norm
 from .init import init_conv_or_linear_, init_embedding_, init_from_weight, uses_base_weight
@@ -313,9 +313,37 @@ class Linear(LoraLayer):
             return self._base_forward(x, *args, **kwargs)
         if self._row_adapters is not None:
             return self._mixed_forward(x, *args, **kwargs)
-        if not (args or kwargs or torch.is_grad_enabled()) and self._inplace:
-            return self._inference_forward(x)
+        if not (args or kwargs) and self._inplace:
+            if not torch.is_grad_enabled():
+                return self._inference_forward(x)
+            fused = self._fused_forward(x)
+            if fused is not None:
+                return fused
         return self._add_adapters(x, self.base_layer(x, *args, **kwargs))
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Training forward of one plain adapter on a frozen, hook-free ``nn.Linear`` base as a single autograd
+        node (:func:`linear_lora`: the base's and the adapter's input gradients are written into one tensor);
+        None when the general path is needed (several adapters, DoRA, a LoRA bias, a tensor scaling, a custom
+        dropout module, a trainable or tensor-subclass base weight such as torchao's, mixed dtypes, autocast,
+        hooks)."""
+        modules = self._modules
+        base = modules["base_layer"]
+        names = self._forward_adapters
+        if (len(names) != 1 or type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks
+                or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks or _any_autocast()
+                or modules["lora_magnitude_vector"]._modules):
+            return None
+        name = names[0]
+        W, b = base._parameters["weight"], base._parameters["bias"]
+        A_params, B_params = modules["lora_A"]._modules[name]._parameters, modules["lora_B"]._modules[name]._parameters
+        A, B = A_params["weight"], B_params["weight"]
+        scaling = self.scaling[name]
+        p = dropout_p(modules["lora_dropout"]._modules[name])
+        if (W.requires_grad or type(W) is not nn.Parameter or type(scaling) is not float
+                or B_params.get("bias") is not None or p is None or not (x.dtype == W.dtype == A.dtype == B.dtype)):
+            return None
+        return linear_lora(x, W, b, A, B, scaling, p)
 
     def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Lean no-grad forward (e.g. decoding) of a hook-free ``nn.Linear`` base: ``F.linear``, then per plain
@@ -642,11 +670,6 @@ class Conv(LoraLayer):
 #: inputs up to this many elements (a few decoding rows) take the fewest-ops form of the no-grad LoRA update
 _FEW_ELEMENTS = 1 << 14
 _any_autocast = torch._C._is_any_autocast_enabled  # one C call (``torch.is_autocast_enabled(device)`` costs 5x)
-
-
-def _global_hooks() -> bool:
-    """Whether global module forward hooks are registered (then base layers are called as modules)."""
-    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
 
 
 def dropout_p(dropout: nn.Module | None) -> float | None:
