@@ -59,39 +59,46 @@ class _Blueprint:
         self.keys = tuple(k for k in state if k not in self.flags)
         self.types = tuple(type(state[k]) for k in self.keys)
 
-    def build(self) -> nn.Module:
-        module = self.cls.__new__(self.cls)
+    def fill(self, module: nn.Module) -> None:
+        """Set the blueprint's state on ``module``: the flags, and a fresh empty container for each container."""
         attrs = module.__dict__
         attrs.update(self.flags)
-        attrs.update(zip(self.keys, map(type.__call__, self.types)))  # a fresh empty container each
-        return module
+        attrs.update(zip(self.keys, map(type.__call__, self.types)))
 
 
 _BLUEPRINTS: dict[type, _Blueprint] = {}
 
 
-def new_module(cls: type[M]) -> M:
-    """``cls()`` for a module class whose no-argument constructor only sets flags and empty containers (as
-    ``nn.ModuleDict``, ``nn.ParameterDict`` and ``nn.Identity`` do): the same ``__dict__``, built ~2x faster."""
+def _blueprint(cls: type[nn.Module]) -> _Blueprint:
     blueprint = _BLUEPRINTS.get(cls)
     if blueprint is None:
         blueprint = _BLUEPRINTS[cls] = _Blueprint(cls)
-    return blueprint.build() if blueprint.plain else cls()  # type: ignore[return-value]
+    return blueprint
+
+
+def new_module(cls: type[M]) -> M:
+    """``cls()`` for a module class whose no-argument constructor only sets flags and empty containers (as
+    ``nn.ModuleDict``, ``nn.ParameterDict`` and ``nn.Identity`` do): the same ``__dict__``, built ~2x faster."""
+    blueprint = _blueprint(cls)
+    if not blueprint.plain:
+        return cls()
+    module = cls.__new__(cls)
+    blueprint.fill(module)
+    return module
 
 
 def init_module_state(module: nn.Module) -> None:
     """What ``nn.Module.__init__`` sets on ``module`` (hooks, parameter and child dicts, ``training``), for a
     subclass whose own ``__init__`` would call it; through ``nn.Module.__init__`` itself when the blueprint is not
     plain."""
-    blueprint = _BLUEPRINTS.get(nn.Module)
-    if blueprint is None:
-        blueprint = _BLUEPRINTS[nn.Module] = _Blueprint(nn.Module)
-    if not blueprint.plain:
+    blueprint = _blueprint(nn.Module)
+    if blueprint.plain:
+        blueprint.fill(module)
+    else:
         nn.Module.__init__(module)
-        return
-    attrs = module.__dict__
-    attrs.update(blueprint.flags)
-    attrs.update(zip(blueprint.keys, map(type.__call__, blueprint.types)))
+
+
+_MODULE_TRAIN = nn.Module.train
 
 
 def set_training(module: nn.Module, mode: bool) -> None:
@@ -108,9 +115,6 @@ def set_training(module: nn.Module, mode: bool) -> None:
         children = current._modules
         if children:
             stack.extend(child for child in children.values() if child is not None)
-
-
-_MODULE_TRAIN = nn.Module.train
 
 
 def parameter_grads(model: nn.Module) -> list[tuple[nn.Parameter, bool]]:

@@ -98,16 +98,7 @@ class _DropoutProject(torch.autograd.Function):
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
         x, A, mask = ctx.saved_tensors  # type: ignore[attr-defined]
         grad = grad * ctx.scale  # type: ignore[attr-defined]  # (N, r): small
-        need_x, need_A = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if _blocked(x) and grad.dtype == x.dtype == A.dtype:
-            return (*_dropout_project_grads_blocked(x, A, mask, grad, need_x, need_A), None, None)
-        grad_x = grad_A = None
-        keep = _float_mask(mask, x.dtype)  # converted once for both products
-        if need_A:
-            grad_A = grad.t() @ torch.mul(x, keep, out=scratch(x.numel(), x.dtype, x.device).view(x.shape))
-        if need_x:
-            grad_x = grad.to(A.dtype) @ A
-            grad_x.mul_(keep)
+        grad_x, grad_A = _masked_project_grads(x, A, mask, grad, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return grad_x, grad_A, None, None
 
 
@@ -123,7 +114,7 @@ def row_blocks(rows: int, cols: int) -> list[tuple[int, int]]:
 
 
 def _blocked(x: torch.Tensor) -> bool:
-    """Whether :class:`_DropoutProject` runs by row blocks: a float32/float64 CPU input (other devices and half
+    """Whether the masked products run by row blocks: a float32/float64 CPU input (other devices and half
     precision keep full-size passes)."""
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
 
@@ -132,22 +123,6 @@ def _block_buffer(x: torch.Tensor) -> torch.Tensor:
     """A scratch ``(rows per block, in)`` buffer for the masked blocks of ``x: (N, in)``."""
     step = row_blocks(x.shape[0], x.shape[1])[0][1] if x.shape[0] else 1
     return scratch(step * x.shape[1], x.dtype, x.device).view(step, x.shape[1])
-
-
-def _dropout_project_grads_blocked(x: torch.Tensor, A: torch.Tensor, mask: torch.Tensor, grad: torch.Tensor,
-                                   need_x: bool, need_A: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of ``(x * mask) @ A.T`` for the upstream ``grad: (N, r)`` (already scaled), by row blocks:
-    ``grad_x = (grad @ A) * mask`` and ``grad_A = sum over blocks of grad[b].T @ (x[b] * mask[b])``."""
-    keep = _as_01(mask)
-    grad_x = grad @ A if need_x else None  # (N, in): one product, masked block by block below
-    grad_A = torch.zeros_like(A) if need_A else None
-    buf = _block_buffer(x) if need_A else None
-    for s, e in row_blocks(x.shape[0], x.shape[1]):
-        if grad_A is not None and buf is not None:
-            grad_A.addmm_(grad[s:e].t(), torch.mul(x[s:e], keep[s:e], out=buf[: e - s]))
-        if grad_x is not None:
-            grad_x[s:e].mul_(keep[s:e])
-    return grad_x, grad_A
 
 
 def _float_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -304,7 +279,8 @@ class _LinearLoRA(torch.autograd.Function):
                     grad_x = (grad @ W).addmm_(grad_h, A)
             else:
                 grad_h.mul_(keep_scale)
-                grad_x, grad_A = _masked_project_grads(x2d, A, mask, grad_h, grad @ W if need_x else None, need_A)
+                grad_x, grad_A = _masked_project_grads(x2d, A, mask, grad_h, need_x, need_A,
+                                                       into=grad @ W if need_x else None)
         return grad_x, None, grad_b, grad_A, grad_B, None, None, None
 
 
@@ -322,24 +298,35 @@ def _masked_project(x2d: torch.Tensor, mask: torch.Tensor, A: torch.Tensor) -> t
 
 
 def _masked_project_grads(x2d: torch.Tensor, A: torch.Tensor, mask: torch.Tensor, grad_h: torch.Tensor,
-                          grad_x: torch.Tensor | None, need_A: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """For ``h = (x2d * mask) @ A.T`` and its upstream ``grad_h: (N, r)``: ``grad_x += (grad_h @ A) * mask`` in
-    place (``grad_x``: ``(N, in)`` or None) and ``grad_A = grad_h.T @ (x2d * mask)``, by row blocks that stay in the
-    CPU cache (full-size passes in half precision)."""
+                          need_x: bool, need_A: bool, into: torch.Tensor | None = None
+                          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``h = (x2d * mask) @ A.T`` for the upstream ``grad_h: (N, r)``: ``grad_x = (grad_h @ A) * mask``
+    (added in place to ``into: (N, in)`` when given, e.g. a base layer's input gradient) and ``grad_A = grad_h.T @
+    (x2d * mask)``. float32/float64 CPU inputs run by row blocks that stay in the CPU cache (:func:`row_blocks`);
+    half precision takes full-size passes, each product accumulating in one matmul."""
+    grad_h = grad_h.to(A.dtype)
+    grad_x = grad_A = None
     if not _blocked(x2d):
-        keep = _float_mask(mask, x2d.dtype)
-        grad_A = grad_h.t() @ torch.mul(x2d, keep, out=scratch(x2d.numel(), x2d.dtype, x2d.device).view(x2d.shape)) \
-            if need_A else None
-        if grad_x is not None:
-            grad_x.addcmul_(grad_h.to(A.dtype) @ A, keep)
+        keep = _float_mask(mask, x2d.dtype)  # converted once for both products
+        if need_A:
+            grad_A = grad_h.t() @ torch.mul(x2d, keep, out=scratch(x2d.numel(), x2d.dtype, x2d.device).view(x2d.shape))
+        if need_x:
+            grad_x = (grad_h @ A).mul_(keep) if into is None else into.addcmul_(grad_h @ A, keep)
         return grad_x, grad_A
     keep = _as_01(mask)
-    grad_A = torch.zeros_like(A) if need_A else None
+    if need_A:
+        grad_A = torch.zeros_like(A)
+    if need_x:
+        grad_x = grad_h @ A if into is None else into  # (N, in): masked (or the masked part added) block by block
     buf = _block_buffer(x2d)
     for s, e in row_blocks(x2d.shape[0], x2d.shape[1]):
         if grad_A is not None:
             grad_A.addmm_(grad_h[s:e].t(), torch.mul(x2d[s:e], keep[s:e], out=buf[: e - s]))
-        if grad_x is not None:
+        if grad_x is None:
+            continue
+        if into is None:
+            grad_x[s:e].mul_(keep[s:e])
+        else:
             grad_x[s:e].addcmul_(torch.mm(grad_h[s:e], A, out=buf[: e - s]), keep[s:e])
     return grad_x, grad_A
 

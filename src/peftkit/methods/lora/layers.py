@@ -330,9 +330,7 @@ class Linear(LoraLayer):
         modules = self._modules
         base = modules["base_layer"]
         names = self._forward_adapters
-        if (len(names) != 1 or type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks
-                or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks or _any_autocast()
-                or modules["lora_magnitude_vector"]._modules):
+        if len(names) != 1 or not _hook_free_linear(base) or modules["lora_magnitude_vector"]._modules:
             return None
         name = names[0]
         W, b = base._parameters["weight"], base._parameters["bias"]
@@ -357,8 +355,7 @@ class Linear(LoraLayer):
         is slow)."""
         modules = self._modules
         base = modules["base_layer"]
-        if (type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks
-                or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks or _any_autocast()):
+        if not _hook_free_linear(base):
             return self._add_adapters(x, base(x))
         params = base._parameters
         result = F.linear(x, params["weight"], params["bias"])
@@ -368,31 +365,32 @@ class Linear(LoraLayer):
             A = modules["lora_A"]._modules[name]._parameters["weight"]
             B = modules["lora_B"]._modules[name]._parameters["weight"]
             entry = self._bt_cache.get(name)
-            if (entry is None or entry[0] is not B or B.is_inference() or entry[1] != B._version
-                    or entry[2] != B.data_ptr() or entry[3] is not self.scaling[name] or entry[4] is not A):
+            if not _entry_current(entry, A, B, self.scaling[name]):
                 entry = self._lean_entry(name, A, B, result.dtype)
                 if entry is None:
                     return self._add_adapters(x, result)
             if x.numel() <= _FEW_ELEMENTS:  # decoding: fewest Python-level ops (no views), one small temporary
-                return result.add_(F.linear(x, A) @ entry[6])
-            result.view(-1, result.shape[-1]).addmm_(F.linear(x.reshape(-1, x.shape[-1]), A), entry[6])
+                return result.add_(F.linear(x, A) @ entry[5])
+            add_lowrank_pretransposed_(result.view(-1, result.shape[-1]), x.reshape(-1, x.shape[-1]), A, entry[5])
             return result
+        out2d, x2d = result.view(-1, result.shape[-1]), x.reshape(-1, x.shape[-1])
         for i, name in enumerate(names):
             A = modules["lora_A"]._modules[name]._parameters["weight"]
             B = modules["lora_B"]._modules[name]._parameters["weight"]
             entry = self._lean_entry(name, A, B, result.dtype)
             if entry is None:
                 return self._add_adapters(x, result, names[i:])  # the general path for this adapter and the rest
-            add_lowrank_pretransposed_(result.view(-1, result.shape[-1]), x.reshape(-1, x.shape[-1]), A, entry[6])
+            add_lowrank_pretransposed_(out2d, x2d, A, entry[5])
         return result
 
     def _lean_entry(self, name: str, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype
                     ) -> tuple[Any, ...] | None:
-        """The cached ``(B, B._version, B.data_ptr(), scaling, A, dtype, scaling * B.T)`` of adapter ``name`` for
+        """The cached ``(B, B._version, B.data_ptr(), scaling, A, scaling * B.T)`` of adapter ``name`` for
         :meth:`_inference_forward`, rebuilt when ``B`` (the same parameter, storage and version), the scaling
-        object, ``A`` or the dtype changed; None (and nothing cached) when the adapter needs the general path:
-        a tensor scaling, a bias, active dropout, DoRA or another dtype. An inference tensor ``B`` (made under
-        ``torch.inference_mode``) has no version counter, so its entry is built for the call and not cached.
+        object or ``A`` changed (:func:`_entry_current`; a dtype change moves ``B``'s storage); None (and nothing
+        cached) when the adapter needs the general path: a tensor scaling, a bias, active dropout, DoRA or a dtype
+        other than ``dtype``. An inference tensor ``B`` (made under ``torch.inference_mode``) has no version
+        counter, so its entry is built for the call and not cached.
 
         ``scaling * B.T`` is a contiguous ``(r, out)`` copy of ``B``: ``addmm_`` with a row-major second operand is
         several times cheaper at decode shapes than with ``B.t()`` (CPU BLAS), which made up most of an unmerged
@@ -406,12 +404,11 @@ class Linear(LoraLayer):
             return None
         if B.is_inference():  # no version counter: in-place changes are invisible, so nothing is cached
             self._bt_cache.pop(name, None)
-            return (B, -1, B.data_ptr(), scaling, A, dtype, scaled_transpose(B.detach(), scaling))
+            return (B, -1, B.data_ptr(), scaling, A, scaled_transpose(B.detach(), scaling))
         hit = self._bt_cache.get(name)
-        if (hit is not None and hit[0] is B and hit[1] == B._version and hit[2] == B.data_ptr()
-                and hit[3] is scaling and hit[4] is A and hit[5] is dtype):
+        if _entry_current(hit, A, B, scaling):
             return hit
-        entry = (B, B._version, B.data_ptr(), scaling, A, dtype, scaled_transpose(B.detach(), scaling))
+        entry = (B, B._version, B.data_ptr(), scaling, A, scaled_transpose(B.detach(), scaling))
         self._bt_cache[name] = entry
         return entry
 
@@ -670,6 +667,20 @@ class Conv(LoraLayer):
 #: inputs up to this many elements (a few decoding rows) take the fewest-ops form of the no-grad LoRA update
 _FEW_ELEMENTS = 1 << 14
 _any_autocast = torch._C._is_any_autocast_enabled  # one C call (``torch.is_autocast_enabled(device)`` costs 5x)
+
+
+def _hook_free_linear(base: nn.Module) -> bool:
+    """Whether ``base`` is exactly ``nn.Linear`` with no forward hooks of its own or global ones, outside autocast:
+    then the fast paths may compute it as ``F.linear`` themselves."""
+    return not (type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks
+                or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks or _any_autocast())
+
+
+def _entry_current(entry: tuple[Any, ...] | None, A: torch.Tensor, B: torch.Tensor, scaling: object) -> bool:
+    """Whether a cached :meth:`Linear._lean_entry` still describes ``A``, ``B`` and ``scaling``: the same ``B``
+    parameter with the same storage and version, the same scaling object and the same ``A``."""
+    return (entry is not None and entry[0] is B and not B.is_inference() and entry[1] == B._version
+            and entry[2] == B.data_ptr() and entry[3] is scaling and entry[4] is A)
 
 
 def dropout_p(dropout: nn.Module | None) -> float | None:
