@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from models import causal_lm_inputs, tiny_llama
+from torch import nn
 
 from peftkit import LoraConfig, get_peft_model
 
@@ -67,3 +69,23 @@ def test_user_config_object_untouched_by_adapter_management(tmp_path):
     model.delete_adapter("b")
     assert config.to_dict() == before
     assert model.peft_config["default"] is not config
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_adapters_injected_into_an_eval_model_are_in_eval_mode(dropout):
+    """The reference leaves new adapter modules (their dropout above all) in training mode inside an eval-mode
+    model, so inference is random (PEFT issue #3753); peftkit's new modules take the base layer's mode."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    config = {"target_modules": ["0", "2"], "r": 2, "lora_dropout": dropout, "init_lora_weights": False}
+    model = get_peft_model(base, LoraConfig(**config))
+    assert model.training is False and model.base_model.training is False
+    model.add_adapter("other", LoraConfig(**config))
+    model.base_model.set_adapter(["default", "other"])
+    assert [n for n, m in model.named_modules() if m.training] == []
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model(x), atol=0, rtol=0)
+    model.train()
+    model.add_adapter("third", LoraConfig(**config))  # a training-mode model gets training-mode adapters
+    assert all(m.training for _, m in model.named_modules())

@@ -422,3 +422,194 @@ def test_training_layer_runs_base_and_adapter_as_one_node_and_keeps_only_the_mas
     big = [t for t in saved if t.numel() >= x.numel()]
     assert sorted(str(t.dtype) for t in big) == ["torch.bool", "torch.float32"]  # x itself and the mask
     assert any(t.data_ptr() == x.data_ptr() for t in big)  # x itself, not a dropped copy
+
+
+# ------------------------------------------------------------------ the no-grad plan (decoding)
+PLAN_TOL = {"atol": 1e-5, "rtol": 1e-5}  # float32: the kernel sums in another order than BLAS
+
+
+@pytest.fixture(params=["kernel", "torch"])
+def plan_backend(request, monkeypatch):
+    """Run the no-grad plan with the native kernel (counted) or with torch ops only; yields the call counter."""
+    import peftkit.methods.lora.layers as lora_layers
+    from peftkit.ops import native
+
+    calls = []
+    kernel = native.lowrank_kernel()
+    if request.param == "torch" or kernel is None:
+        assert request.param == "torch" or kernel is None
+        monkeypatch.setattr(lora_layers, "lowrank_kernel", lambda: None)
+        return request.param, calls
+
+    def counted(*args):
+        calls.append(args[4:])
+        kernel(*args)
+
+    monkeypatch.setattr(lora_layers, "lowrank_kernel", lambda: counted)
+    return request.param, calls
+
+
+def _plan_model() -> tuple[nn.Module, LoraLayer]:
+    model, layer = _lean_model()
+    with torch.no_grad():
+        for layer_ in (model.base_model.model[0], model.base_model.model[1]):
+            layer_.lora_B["default"].weight.normal_()  # a visible update
+    return model, layer
+
+
+def test_plan_runs_from_the_first_call_with_identical_bits(plan_backend):
+    backend, calls = plan_backend
+    model, layer = _plan_model()
+    x = torch.randn(1, 1, 12)
+    with torch.no_grad():
+        first, second, third = model(x), model(x), model(x)
+    assert layer._lean_plan is not None
+    torch.testing.assert_close(first, second, atol=0, rtol=0)
+    torch.testing.assert_close(second, third, atol=0, rtol=0)
+    torch.testing.assert_close(first, _grad_path(model, x), **PLAN_TOL)
+    if backend == "kernel":
+        if calls == []:
+            pytest.fail("the native kernel never ran")
+        assert calls[0] == (1, 12, 4, 10)  # rows, in, r, out of the first layer
+
+
+@pytest.mark.parametrize("change", ["inplace_B", "data_B", "replace_B", "inplace_A", "data_A_noncontiguous",
+                                    "replace_A_module", "replace_base", "scaling", "set_adapter", "disable",
+                                    "merge", "dropout_train"])
+def test_plan_follows_every_change(plan_backend, change):
+    model, layer = _plan_model()
+    x = torch.randn(1, 1, 12)
+    with torch.no_grad():
+        before = model(x)
+        assert layer._lean_plan is not None
+        if change == "inplace_B":
+            layer.lora_B["default"].weight.mul_(2.0)
+        elif change == "data_B":
+            layer.lora_B["default"].weight.data = layer.lora_B["default"].weight.data * 2.0
+        elif change == "replace_B":
+            layer.lora_B["default"].weight = nn.Parameter(layer.lora_B["default"].weight.detach() * 2.0)
+        elif change == "inplace_A":
+            layer.lora_A["default"].weight.mul_(2.0)
+        elif change == "data_A_noncontiguous":  # same values, then doubled, stored transposed: not for the kernel
+            A = layer.lora_A["default"].weight
+            A.data = (A.data * 2.0).t().contiguous().t()
+            assert not A.is_contiguous()
+        elif change == "replace_A_module":
+            old = layer.lora_A["default"]
+            layer.lora_A["default"] = nn.Linear(12, 4, bias=False)
+            layer.lora_A["default"].weight.data = old.weight.data * 2.0
+        elif change == "replace_base":
+            old = layer.base_layer
+            layer.base_layer = nn.Linear(12, 10)
+            layer.base_layer.weight.data, layer.base_layer.bias.data = old.weight.data * 2.0, old.bias.data.clone()
+        elif change == "scaling":
+            layer.scaling["default"] = layer.scaling["default"] * 2.0
+        elif change == "set_adapter":
+            model.add_adapter("other", LoraConfig(target_modules=["0", "1"], r=2, init_lora_weights=False))
+            model.set_adapter("other")
+        elif change == "disable":
+            layer.enable_adapters(False)
+        elif change == "merge":
+            model.base_model.merge_adapter()
+        else:  # a dropout module switched to training on its own: the plan must not skip it
+            model.add_adapter("drop", LoraConfig(target_modules=["0"], r=2, lora_dropout=0.5,
+                                                  init_lora_weights=False))
+            model.set_adapter("drop")
+            model(x)
+            assert layer._lean_plan is not None
+            before = model(x)
+            layer.lora_dropout["drop"].train()
+            torch.manual_seed(0)
+            after = model(x)
+            torch.manual_seed(0)
+            general = layer.lora_dropout["drop"](x)  # the general path drew this mask
+            assert not torch.allclose(before, after)
+            assert not torch.equal(general, x)
+            return
+        after = model(x)
+    reference = _grad_path(model, x)
+    if change != "merge":
+        assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, reference, **PLAN_TOL)
+
+
+@pytest.mark.parametrize("hook", ["forward_hook", "pre_hook", "global_hook", "instance_forward"])
+def test_plan_respects_hooks_added_after_it_was_built(plan_backend, hook):
+    from torch.nn.modules import module as torch_module
+
+    model, layer = _plan_model()
+    x = torch.randn(1, 1, 12)
+    seen = []
+    base = layer.base_layer
+    with torch.no_grad():
+        plain = model(x)
+        assert layer._lean_plan is not None
+        if hook == "forward_hook":
+            handle = base.register_forward_hook(lambda mod, inp, out: seen.append(1) or out * 2)
+        elif hook == "pre_hook":
+            handle = base.register_forward_pre_hook(lambda mod, inp: seen.append(1) or (inp[0] * 2,))
+        elif hook == "global_hook":
+            handle = torch_module.register_module_forward_hook(
+                lambda mod, inp, out: (seen.append(1) or out * 2) if mod is base else None)
+        else:  # what accelerate's add_hook_to_module does: an instance attribute replacing forward
+            original = base.forward
+            base.forward = lambda inp: seen.append(1) or original(inp) * 2
+        try:
+            hooked = model(x)
+        finally:
+            if hook == "instance_forward":
+                del base.forward
+            else:
+                handle.remove()
+        assert seen
+        assert not torch.allclose(hooked, plain)
+        torch.testing.assert_close(model(x), plain, atol=0, rtol=0)  # hooks gone: the plan again, same bits
+
+
+def test_plan_under_autocast_takes_the_general_path(plan_backend):
+    model, _ = _plan_model()
+    x = torch.randn(1, 1, 12)
+    with torch.no_grad():
+        model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            auto = model(x)
+    assert auto.dtype == torch.bfloat16  # the base ran under autocast, not the float32 plan
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model(x).detach()
+    torch.testing.assert_close(auto, reference, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 12), (2, 3, 12), (3, 12)])
+def test_plan_with_non_contiguous_or_batched_inputs(plan_backend, shape):
+    model, _ = _plan_model()
+    x = torch.randn(*shape)
+    x_nc = x.transpose(0, -2).contiguous().transpose(0, -2) if len(shape) == 3 and shape[0] > 1 else x
+    with torch.no_grad():
+        model(torch.randn(1, 1, 12))  # plan built
+        fast, fast_nc = model(x), model(x_nc)
+    torch.testing.assert_close(fast, _grad_path(model, x), **PLAN_TOL)
+    torch.testing.assert_close(fast_nc, fast, **PLAN_TOL)
+
+
+def test_training_fast_path_calls_an_instance_forward_of_the_base():
+    model, layer = _plan_model()
+    model.train()
+    seen = []
+    original = layer.base_layer.forward
+    layer.base_layer.forward = lambda inp: seen.append(1) or original(inp)
+    x = torch.randn(2, 3, 12, requires_grad=True)
+    model(x).sum().backward()
+    assert seen == [1]
+
+
+def test_jit_trace_records_the_adapter_update(plan_backend):
+    model, _ = _plan_model()
+    net = model.base_model.model
+    x, other = torch.randn(1, 1, 12), torch.randn(1, 1, 12)
+    with torch.no_grad():
+        net(x)  # a plan exists before tracing
+        traced = torch.jit.trace(net, (x,), check_trace=False)
+        expected = _grad_path(model, other)
+        torch.testing.assert_close(traced(other), expected, **PLAN_TOL)
+        model.base_model.disable_adapter_layers()
+        assert not torch.allclose(net(other), expected)  # the update is visible: the trace did record it

@@ -320,4 +320,6 @@ def test_auto_peft_model_resizes_to_tokenizer_saved_beside_adapter(tmp_path, pef
     loaded = peftkit.AutoPeftModelForCausalLM.from_pretrained(adapter)
     assert loaded.get_input_embeddings().weight.shape[0] == len(tokenizer)
     assert loaded.get_output_embeddings().weight.shape[0] == len(tokenizer)
-    torch.testing.assert_close(_logits(loaded, ids), expected, atol=ATOL, rtol=0)
+    # logits of the new tokens reach ~2: float32 rounding of two implementations (BLAS against peftkit's decode
+    # kernel) differs by a few ulp there, hence the relative term
+    torch.testing.assert_close(_logits(loaded, ids), expected, atol=ATOL, rtol=2e-6)

@@ -90,6 +90,9 @@ class PeftModel(nn.Module):
             autocast_adapter_dtype=autocast_adapter_dtype, task_heads=self._task_heads,
         )
         self._enabled = True
+        # the wrappers take the wrapped model's mode (nn.Module starts in training mode; the reference's PeftModel
+        # reports training=True around an eval-mode model)
+        self.training = self.base_model.training = model.training
         self._trainer_surface()
         if _is_checkpointing(model) and not getattr(model, "is_quantized", False):
             enable_input_grads(model)  # as the reference does for a base that already checkpoints

@@ -118,6 +118,10 @@ def apply_plan(
             dtype = adapter_dtype(base, autocast_adapter_dtype)
             new = method.create_layer(module, layer.options, config, plan.adapter_name, dtype)
             applied.touched.append(layer.name)
+            if not base.training:
+                # new modules start in training mode: an adapter injected into an eval-mode model would apply its
+                # dropout at inference (the reference does; PEFT issue #3753). The new internals follow the base.
+                new.train(False)
             if new is not module:
                 set_submodule(model, layer.name, new)
                 applied.replaced[layer.name] = module

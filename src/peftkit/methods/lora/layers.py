@@ -24,6 +24,7 @@ from ...module_utils import add_child, init_module_state, new_module
 from ...ops.batched import add_mixed_lowrank_, mixed_embedding_hidden, stack_adapters
 from ...ops.lora_fused import add_lora_, dora_add_, linear_lora
 from ...ops.lowrank import add_lowrank_pretransposed_, add_scaled_, can_update_inplace, scaled_transpose
+from ...ops.native import lowrank_kernel
 from .dora import DoraMagnitude, dora_update, view_norm
 from .init import init_conv_or_linear_, init_embedding_, init_from_weight, uses_base_weight
 
@@ -53,6 +54,7 @@ class LoraLayer(AdapterLayer):
     _dora_merged_norm: dict[str, torch.Tensor]
     _dora_norm_cache: dict[str, tuple[object, torch.Tensor]]
     _bt_cache: dict[str, tuple[Any, ...]]
+    _lean_plan: tuple[Any, ...] | None
     fan_in_fan_out: bool
     in_features: int
     out_features: int
@@ -71,6 +73,7 @@ class LoraLayer(AdapterLayer):
             _dora_merged_norm={},  # dict[str, Tensor]: row norms used when a DoRA adapter was merged
             _dora_norm_cache={},  # dict[str, tuple[key, Tensor]]
             _bt_cache={},  # dict[str, tuple]: see Linear._lean_entry
+            _lean_plan=None,  # tuple | None: see Linear._build_lean_plan
             fan_in_fan_out=fan_in_fan_out,
             _inplace=inplace_safe(base),
             in_features=in_features,
@@ -224,6 +227,13 @@ class LoraLayer(AdapterLayer):
         super().delete_adapter(adapter_name)
         self._dora_norm_cache.pop(adapter_name, None)
         self._bt_cache.pop(adapter_name, None)
+        self._lean_plan = None
+
+    def _refresh(self) -> None:
+        """As :meth:`AdapterLayer._refresh`; any change of the adapters (added, activated, merged, deleted, ...)
+        also drops the no-grad plan (:meth:`Linear._build_lean_plan`)."""
+        super()._refresh()
+        self.__dict__["_lean_plan"] = None
 
     def _create(self, adapter_name: str, r: int, lora_bias: bool, factory: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -308,17 +318,51 @@ class Linear(LoraLayer):
         return delta.to(self.get_base_layer().weight.dtype)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``x: (..., in) -> (..., out)``."""
+        """``x: (..., in) -> (..., out)``.
+
+        Without autograd and with one plain adapter (e.g. each step of ``generate``) the layer runs its cached
+        plan (:meth:`_build_lean_plan`): one base ``F.linear``, then the update by the native kernel
+        (``peftkit.ops.native``) or two small torch ops, after checks that touch as few objects as possible. At
+        decode shapes the base matmul has just streamed megabytes of weights through the caches, so every object
+        read afterwards is a cache miss: reading them from the plan's direct references instead of walking
+        ``self -> lora_B -> module -> _parameters`` made unmerged decoding ~2-3% faster, the kernel ~3-4% more."""
+        if not (args or kwargs or _grad_enabled() or _tracing()):
+            plan = self._lean_plan
+            if plan is not None:
+                (adapters, modules, base, base_params, base_attrs, hooks, pre_hooks, a_owner, a_mods, a_mod, a_params,
+                 b_owner, b_mods, b_mod, b_params, B, ptr, version, name, scaling, drop, dtype, bts, native) = plan
+                if (self._forward_adapters is adapters and not self._disable_adapters and self._row_adapters is None
+                        and modules["base_layer"] is base and modules["lora_A"] is a_owner and a_mods[name] is a_mod
+                        and modules["lora_B"] is b_owner and b_mods[name] is b_mod and b_params["weight"] is B
+                        and b_params["bias"] is None and B.data_ptr() == ptr and B._version == version
+                        and self.scaling[name] is scaling and (drop is None or not drop.training) and x.dtype is dtype
+                        and not (hooks or pre_hooks or "forward" in base_attrs or _GLOBAL_FORWARD_HOOKS
+                                 or _GLOBAL_FORWARD_PRE_HOOKS or _any_autocast())):
+                    A = a_params["weight"]
+                    if A.dtype is dtype:
+                        result = F.linear(x, base_params["weight"], base_params["bias"])
+                        if native is not None:  # _lean_update's kernel branch, inline: one Python call less per step
+                            n = x.numel()
+                            kernel, bts_ptr, a_shape, n_in, r, n_out = native
+                            rows = n // n_in
+                            if (n <= _FEW_ELEMENTS and A.shape == a_shape and A.is_contiguous() and A.is_cpu
+                                    and x.is_contiguous() and x.is_cpu and rows * n_in == n
+                                    and result.numel() == rows * n_out):
+                                kernel(x.data_ptr(), A.data_ptr(), bts_ptr, result.data_ptr(), rows, n_in, r, n_out)
+                                return result
+                        return _lean_update(result, x, A, bts, None)
         if self._disable_adapters:
             return self._base_forward(x, *args, **kwargs)
         if self._row_adapters is not None:
             return self._mixed_forward(x, *args, **kwargs)
         if not (args or kwargs) and self._inplace:
-            if not torch.is_grad_enabled():
-                return self._inference_forward(x)
-            fused = self._fused_forward(x)
-            if fused is not None:
-                return fused
+            if not _grad_enabled():
+                if not _tracing():  # torch.jit.trace records torch ops only: no kernel, no caches (general path)
+                    return self._inference_forward(x)
+            else:
+                fused = self._fused_forward(x)
+                if fused is not None:
+                    return fused
         return self._add_adapters(x, self.base_layer(x, *args, **kwargs))
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -349,10 +393,9 @@ class Linear(LoraLayer):
         ``addmm_`` into the base output with the cached ``scaling * B.T`` (:meth:`_lean_entry`); anything else
         goes through :meth:`_add_adapters`.
 
-        Written for the fewest Python operations per call: at decode shapes each costs about a microsecond (the
-        base matmul has just streamed its weight through the caches), so the single-adapter case is checked with
-        identity comparisons against the cached entry, and module dicts are read directly (``nn.Module.__getattr__``
-        is slow)."""
+        With one adapter this also builds the plan :meth:`forward` runs on later calls (:meth:`_build_lean_plan`)
+        and computes this call as the plan will (:func:`_lean_update`), so repeated calls give the same bits.
+        Module dicts are read directly (``nn.Module.__getattr__`` is slow)."""
         modules = self._modules
         base = modules["base_layer"]
         if not _hook_free_linear(base):
@@ -365,14 +408,15 @@ class Linear(LoraLayer):
             A = modules["lora_A"]._modules[name]._parameters["weight"]
             B = modules["lora_B"]._modules[name]._parameters["weight"]
             entry = self._bt_cache.get(name)
-            if not _entry_current(entry, A, B, self.scaling[name]):
-                entry = self._lean_entry(name, A, B, result.dtype)
+            if not _entry_current(entry, A, B, self.scaling[name]) or dropout_p(modules["lora_dropout"][name]) != 0.0:
+                entry = self._lean_entry(name, A, B, result.dtype)  # None while dropout is active
                 if entry is None:
                     return self._add_adapters(x, result)
-            if x.numel() <= _FEW_ELEMENTS:  # decoding: fewest Python-level ops (no views), one small temporary
-                return result.add_(F.linear(x, A) @ entry[5])
-            add_lowrank_pretransposed_(result.view(-1, result.shape[-1]), x.reshape(-1, x.shape[-1]), A, entry[5])
-            return result
+            native = None
+            if entry[1] >= 0 and x.dtype is result.dtype:  # not an inference tensor: the plan can follow B
+                plan = self._lean_plan = self._build_lean_plan(name, entry)
+                native = plan[-1]  # this call computes as the plan's later calls will (the same bits)
+            return _lean_update(result, x, A, entry[5], native)
         out2d, x2d = result.view(-1, result.shape[-1]), x.reshape(-1, x.shape[-1])
         for i, name in enumerate(names):
             A = modules["lora_A"]._modules[name]._parameters["weight"]
@@ -382,6 +426,31 @@ class Linear(LoraLayer):
                 return self._add_adapters(x, result, names[i:])  # the general path for this adapter and the rest
             add_lowrank_pretransposed_(out2d, x2d, A, entry[5])
         return result
+
+    def _build_lean_plan(self, name: str, entry: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The no-grad plan :meth:`forward` runs while ``name`` is the only adapter in use: direct references to
+        every object its checks read (the base layer, its parameter and hook dicts, the adapter's modules and
+        parameter dicts, ``B`` with its storage and version, the scaling, the dropout module when it has one) and
+        the cached ``scaling * B.T`` of ``entry`` (:meth:`_lean_entry`).
+
+        Checked on every call: the adapters in use (``_refresh`` makes a new tuple on any change), disabling, mixed
+        batches, that each module and ``B`` is still the one held, ``B``'s storage and version, the scaling object,
+        dropout in eval mode, the input and ``A`` dtypes, hooks of the base layer (and an instance ``forward``, as
+        accelerate installs) or global ones, and autocast. ``_refresh``, ``train()`` and ``delete_adapter`` drop
+        the plan; whatever the checks reject takes the general paths."""
+        modules = self._modules
+        base = modules["base_layer"]
+        a_owner, b_owner = modules["lora_A"], modules["lora_B"]
+        a_mod, b_mod = a_owner._modules[name], b_owner._modules[name]
+        drop = modules["lora_dropout"]._modules[name]
+        B, bts = entry[0], entry[5]
+        A = a_mod._parameters["weight"]
+        kernel = lowrank_kernel() if B.dtype == torch.float32 and bts.device.type == "cpu" else None
+        native = None if kernel is None else (kernel, bts.data_ptr(), A.shape, A.shape[1], A.shape[0], bts.shape[1])
+        return (self._forward_adapters, modules, base, base._parameters, base.__dict__, base._forward_hooks,
+                base._forward_pre_hooks, a_owner, a_owner._modules, a_mod, a_mod._parameters, b_owner,
+                b_owner._modules, b_mod, b_mod._parameters, B, entry[2], entry[1], name, entry[3],
+                drop if type(drop) is nn.Dropout and drop.p > 0 else None, B.dtype, bts, native)
 
     def _lean_entry(self, name: str, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype
                     ) -> tuple[Any, ...] | None:
@@ -416,6 +485,7 @@ class Linear(LoraLayer):
         """As ``nn.Module.train``; entering training drops the no-grad caches (:meth:`Linear._lean_entry`)."""
         if mode:
             self._bt_cache.clear()
+            self._lean_plan = None
         return super().train(mode)
 
     def _add_adapters(self, x: torch.Tensor, result: torch.Tensor, names: tuple[str, ...] | None = None
@@ -667,13 +737,42 @@ class Conv(LoraLayer):
 #: inputs up to this many elements (a few decoding rows) take the fewest-ops form of the no-grad LoRA update
 _FEW_ELEMENTS = 1 << 14
 _any_autocast = torch._C._is_any_autocast_enabled  # one C call (``torch.is_autocast_enabled(device)`` costs 5x)
+_grad_enabled = torch.is_grad_enabled
+_tracing = torch._C._get_tracing_state  # not None inside torch.jit.trace
+# torch registers global module hooks into these dicts (never rebinds them): held directly for the no-grad plan
+_GLOBAL_FORWARD_HOOKS = torch_module._global_forward_hooks
+_GLOBAL_FORWARD_PRE_HOOKS = torch_module._global_forward_pre_hooks
+
+
+def _lean_update(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, bts: torch.Tensor,
+                 native: tuple[Any, ...] | None) -> torch.Tensor:
+    """``result += (x @ A.T) @ bts`` for the no-grad paths, in place; ``x: (..., in)``, ``A: (r, in)``,
+    ``bts: (r, out)`` (``scaling * B.T``), ``result: (..., out)`` fresh from the base ``F.linear``.
+
+    Many rows: :func:`add_lowrank_pretransposed_` (BLAS). Decode-sized inputs: the native kernel when the plan has
+    one (``native = (kernel, bts address, A's shape, in, r, out)``, float32 on the CPU; the checks keep every
+    address it touches in bounds), else one small matmul pair and ``add_``."""
+    n = x.numel()
+    if n > _FEW_ELEMENTS:
+        add_lowrank_pretransposed_(result.view(-1, result.shape[-1]), x.reshape(-1, x.shape[-1]), A, bts)
+        return result
+    if native is not None:  # also inline in Linear.forward: keep the two in step
+        kernel, bts_ptr, a_shape, n_in, r, n_out = native
+        rows = n // n_in
+        if (A.shape == a_shape and A.is_contiguous() and A.is_cpu and x.is_contiguous() and x.is_cpu
+                and rows * n_in == n and result.numel() == rows * n_out):
+            kernel(x.data_ptr(), A.data_ptr(), bts_ptr, result.data_ptr(), rows, n_in, r, n_out)
+            return result
+    return result.add_(F.linear(x, A) @ bts)
 
 
 def _hook_free_linear(base: nn.Module) -> bool:
-    """Whether ``base`` is exactly ``nn.Linear`` with no forward hooks of its own or global ones, outside autocast:
-    then the fast paths may compute it as ``F.linear`` themselves."""
+    """Whether ``base`` is exactly ``nn.Linear`` with no forward hooks of its own or global ones and no instance
+    ``forward`` (accelerate's hooks replace it), outside autocast: then the fast paths may compute it as
+    ``F.linear`` themselves."""
     return not (type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks
-                or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks or _any_autocast())
+                or "forward" in base.__dict__ or _GLOBAL_FORWARD_HOOKS or _GLOBAL_FORWARD_PRE_HOOKS
+                or _any_autocast())
 
 
 def _entry_current(entry: tuple[Any, ...] | None, A: torch.Tensor, B: torch.Tensor, scaling: object) -> bool:
