@@ -227,7 +227,6 @@ class LoraLayer(AdapterLayer):
         super().delete_adapter(adapter_name)
         self._dora_norm_cache.pop(adapter_name, None)
         self._bt_cache.pop(adapter_name, None)
-        self._lean_plan = None
 
     def _refresh(self) -> None:
         """As :meth:`AdapterLayer._refresh`; any change of the adapters (added, activated, merged, deleted, ...)
@@ -340,17 +339,8 @@ class Linear(LoraLayer):
                                  or _GLOBAL_FORWARD_PRE_HOOKS or _any_autocast())):
                     A = a_params["weight"]
                     if A.dtype is dtype:
-                        result = F.linear(x, base_params["weight"], base_params["bias"])
-                        if native is not None:  # _lean_update's kernel branch, inline: one Python call less per step
-                            n = x.numel()
-                            kernel, bts_ptr, a_shape, n_in, r, n_out = native
-                            rows = n // n_in
-                            if (n <= _FEW_ELEMENTS and A.shape == a_shape and A.is_contiguous() and A.is_cpu
-                                    and x.is_contiguous() and x.is_cpu and rows * n_in == n
-                                    and result.numel() == rows * n_out):
-                                kernel(x.data_ptr(), A.data_ptr(), bts_ptr, result.data_ptr(), rows, n_in, r, n_out)
-                                return result
-                        return _lean_update(result, x, A, bts, None)
+                        return _lean_update(F.linear(x, base_params["weight"], base_params["bias"]), x, A, bts,
+                                            native)
         if self._disable_adapters:
             return self._base_forward(x, *args, **kwargs)
         if self._row_adapters is not None:
@@ -389,9 +379,9 @@ class Linear(LoraLayer):
 
     def _inference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Lean no-grad forward (e.g. decoding) of a hook-free ``nn.Linear`` base: ``F.linear``, then per plain
-        adapter (float scaling, no bias, no active dropout, no DoRA, the base's dtype) one small matmul and one
-        ``addmm_`` into the base output with the cached ``scaling * B.T`` (:meth:`_lean_entry`); anything else
-        goes through :meth:`_add_adapters`.
+        adapter (float scaling, no bias, no active dropout, no DoRA, the base's dtype) the update with the cached
+        ``scaling * B.T`` (:meth:`_lean_entry`, :func:`_lean_update`); anything else goes through
+        :meth:`_add_adapters`.
 
         With one adapter this also builds the plan :meth:`forward` runs on later calls (:meth:`_build_lean_plan`)
         and computes this call as the plan will (:func:`_lean_update`), so repeated calls give the same bits.
@@ -756,7 +746,7 @@ def _lean_update(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, bts: to
     if n > _FEW_ELEMENTS:
         add_lowrank_pretransposed_(result.view(-1, result.shape[-1]), x.reshape(-1, x.shape[-1]), A, bts)
         return result
-    if native is not None:  # also inline in Linear.forward: keep the two in step
+    if native is not None:
         kernel, bts_ptr, a_shape, n_in, r, n_out = native
         rows = n // n_in
         if (A.shape == a_shape and A.is_contiguous() and A.is_cpu and x.is_contiguous() and x.is_cpu
