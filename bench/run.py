@@ -22,7 +22,8 @@ Cases (98M = Llama-style h768/ff2048/12 layers/12 heads/vocab 8192; LoRA r=16, a
   ``floor`` (frozen base, ``enable_input_require_grads``, no adapter, no optimizer), ``manual`` (hand-written
   plain-torch LoRA accumulating into the base output in place with ``addmm_``), ``full`` (full fine-tuning),
   per library ``d0`` / ``d0.1`` (lora_dropout 0 / 0.1) and ``bf16`` (dropout 0 under CPU bf16 autocast, against
-  ``floor_bf16``). Step time split into forward / backward / optimizer, peak RSS, RSS growth during training,
+  ``floor_bf16``), and ``compiled`` (dropout 0, ``torch.compile(model)``: inductor, ``--quick`` aot_eager; the
+  warm-up step compiles and its wall time is ``compile_s``). Step time split into forward / backward / optimizer, peak RSS, RSS growth during training,
   bytes saved for backward (``saved_tensors_hooks``, unique storages, parameters excluded). Gradient check (``d0``
   and ``manual``): with random non-zero B, the LoRA A/B gradients on a 1x32 batch against a plain out-of-place
   LoRA with the same weights on a fresh copy of the base.
@@ -62,7 +63,7 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 RANK, ALPHA = 16, 32
 INDEPENDENT = "-"  # the "library" of variants that use neither library (floor, manual, full)
 TRAIN_SHARED = ("floor", "manual", "full", "floor_bf16")
-TRAIN_LIB = ("d0", "d0.1", "bf16")
+TRAIN_LIB = ("d0", "d0.1", "bf16", "compiled")
 
 SHAPES: dict[str, dict[str, Any]] = {
     "full": {
@@ -88,6 +89,7 @@ DONE_WHEN: tuple[tuple[str, str, float | None], ...] = (
     ("train_peak_rss_d0.1", "train peak RSS peftkit/ref, lora_dropout 0.1", 0.75),
     ("train_step_time_d0", "train step time peftkit/ref, lora_dropout 0", 1.0),
     ("train_step_time_d0.1", "train step time peftkit/ref, lora_dropout 0.1", 0.93),
+    ("train_step_time_compiled", "compiled train step time peftkit/ref, lora_dropout 0 (torch.compile)", 1.0),
     ("train_grad_max_abs_diff", "LoRA grads max|peftkit - plain implementation|", 1e-6),
     ("generate_unmerged_over_base_peftkit", "generate time/token unmerged/base, peftkit", 1.05),
     ("generate_unmerged_over_base_peft", "generate time/token unmerged/base, reference (1.10-1.14 measured)", None),
@@ -252,13 +254,16 @@ def task_train(lib: str, variant: str, ctx: argparse.Namespace) -> dict[str, Any
         model = mod.get_peft_model(model, lora_config(lib, lora_dropout=0.1 if variant == "d0.1" else 0.0))
         model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    run = model
+    if variant == "compiled":  # compiled by the warm-up step below (untimed; its wall time is reported)
+        run = torch.compile(model, backend=ctx.compile_backend)
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     ids = token_batch(shape["m100"]["vocab_size"], shape["batch"], shape["seq"])
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if variant.endswith("bf16") else contextlib.nullcontext
 
     def forward() -> Any:
         with autocast():
-            return model(input_ids=ids, labels=ids, use_cache=False).loss
+            return run(input_ids=ids, labels=ids, use_cache=False).loss
 
     def step() -> dict[str, harness.Timing]:
         t_fwd, loss = harness.timed(forward)
@@ -270,7 +275,12 @@ def task_train(lib: str, variant: str, ctx: argparse.Namespace) -> dict[str, Any
         return {"fwd": t_fwd, "bwd": t_bwd, "opt": t_opt}
 
     rss_ready = harness.current_rss_mb()
-    saved_mb = saved_activation_mb(model, forward, opt)  # the warm-up step
+    compile_s = None
+    if variant == "compiled":  # the warm-up step compiles; no saved-tensor hooks (dynamo would trace them)
+        saved_mb = None
+        compile_s = sum(t.wall for t in step().values())
+    else:
+        saved_mb = saved_activation_mb(model, forward, opt)  # the warm-up step
     steps: dict[str, dict[str, list[float]]] = {k: {"cpu": [], "wall": []} for k in ("fwd", "bwd", "opt", "step")}
     for _ in range(ctx.reps):
         parts = step()
@@ -281,7 +291,8 @@ def task_train(lib: str, variant: str, ctx: argparse.Namespace) -> dict[str, Any
     peak = harness.peak_rss_mb()
     out = {"steps": steps, "peak_rss_mb": peak, "rss_start_mb": rss_start, "rss_ready_mb": rss_ready,
            "rss_growth_mb": None if peak is None or rss_ready is None else peak - rss_ready,
-           "saved_activation_mb": saved_mb, "trainable_params": sum(p.numel() for p in params)}
+           "saved_activation_mb": saved_mb, "trainable_params": sum(p.numel() for p in params),
+           "compile_s": compile_s}
     if variant in ("d0", "manual"):
         del opt
         out["grad_check"] = grad_check(model, shape)
@@ -535,6 +546,7 @@ def task_specs(case: str, libs: Sequence[str], counts: Sequence[int]) -> list[li
         for variant in TRAIN_LIB[:2]:
             specs += [f"train:{lib}:{variant}" for lib in libs]
         specs += [f"train:{INDEPENDENT}:floor_bf16", *(f"train:{lib}:bf16" for lib in libs)]
+        specs += [f"train:{lib}:compiled" for lib in libs]
         return [specs]
     if case == "mixed":
         return [[f"mixed:{lib}:{n}" for lib in libs] for n in counts]
@@ -542,9 +554,13 @@ def task_specs(case: str, libs: Sequence[str], counts: Sequence[int]) -> list[li
 
 
 def plan_jobs(cases: Sequence[str], libs: Sequence[str], counts: Sequence[int], quick: bool,
-              reps: int | None) -> list[list[harness.Job]]:
+              reps: int | None, train_variants: Sequence[str] = ()) -> list[list[harness.Job]]:
     """Worker jobs grouped for :func:`harness.run_rounds`; ``--quick`` packs each library's tasks in one job."""
     groups = [g for case in cases if case != "import" for g in task_specs(case, libs, counts)]
+    if train_variants:  # keep only these train variants (e.g. "compiled")
+        keep = set(train_variants)
+        groups = [[s for s in g if not s.startswith("train:") or s.rsplit(":", 1)[1] in keep] for g in groups]
+        groups = [g for g in groups if g]
     if quick:
         per_lib: dict[str, list[str]] = {lib: [] for lib in libs}
         for spec in (s for g in groups for s in g):
@@ -614,7 +630,7 @@ def summarize_train(res: dict[str, list[dict[str, Any]]], libs: Sequence[str]) -
         row = {f"{k}_s": safe(lambda k=k, rr=rr: harness.median(pooled(rr, "steps", k, "cpu")))
                for k in ("step", "fwd", "bwd", "opt")}
         row["step_wall_s"] = safe(lambda rr=rr: harness.median(pooled(rr, "steps", "step", "wall")))
-        for key in ("peak_rss_mb", "rss_growth_mb", "saved_activation_mb"):
+        for key in ("peak_rss_mb", "rss_growth_mb", "saved_activation_mb", "compile_s"):
             row[key] = safe(lambda rr=rr, key=key: harness.median(r[key] for r in rr))
         row["trainable_params"] = safe(lambda rr=rr: rr[0]["trainable_params"])
         row["time_over_floor"] = safe(lambda rr=rr, floor=floor: harness.per_round_ratio(
@@ -778,6 +794,7 @@ def done_when(summary: dict[str, Any]) -> list[dict[str, Any]]:
         "train_peak_rss_d0.1": get("train", "peftkit_over_ref", "d0.1", "peak_rss"),
         "train_step_time_d0": get("train", "peftkit_over_ref", "d0", "step_time"),
         "train_step_time_d0.1": get("train", "peftkit_over_ref", "d0.1", "step_time"),
+        "train_step_time_compiled": get("train", "peftkit_over_ref", "compiled", "step_time"),
         "train_grad_max_abs_diff": max(grads) if grads else None,
         "generate_unmerged_over_base_peftkit": get("generate", "libs", "peftkit", "over_base", "unmerged"),
         "generate_unmerged_over_base_peft": get("generate", "libs", "peft", "over_base", "unmerged"),
@@ -801,7 +818,7 @@ def report(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         t = summary["train"]
         out.append("\n## train (CPU s per step; ratios to the fp32 or bf16 floor)\n")
         cols = ("step_s", "fwd_s", "bwd_s", "opt_s", "step_wall_s", "peak_rss_mb", "rss_growth_mb",
-                "saved_activation_mb", "time_over_floor", "peak_rss_over_floor", "grad_max_abs_diff")
+                "saved_activation_mb", "time_over_floor", "peak_rss_over_floor", "grad_max_abs_diff", "compile_s")
         out.append(table(["variant", *cols], [[name, *(row.get(c) for c in cols)] for name, row in t["variants"].items()]))
         out.append("\npeftkit / reference (per-round ratios):\n")
         keys = ("step_time", "fwd_time", "bwd_time", "peak_rss", "saved_activations")
@@ -864,6 +881,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--size", choices=tuple(SHAPES), default="full", help=argparse.SUPPRESS)
+    parser.add_argument("--train-variants", default=None,
+                        help="train: comma-separated subset of the variants (e.g. floor,compiled); default all")
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend of the train 'compiled' variant (default inductor; quick aot_eager)")
     harness.add_worker_args(parser)
     return parser.parse_args(argv)
 
@@ -882,6 +903,7 @@ def main(argv: list[str] | None = None) -> int:
     counts = args.counts or ([1, 4] if args.quick else [1, 4, 16])
     rounds = args.rounds or (1 if args.quick else 2)
     size = "quick" if args.quick else "full"
+    backend = args.compile_backend or ("aot_eager" if args.quick else "inductor")  # quick: no C++ compile
     started = time.perf_counter()
 
     def log(msg: str) -> None:
@@ -890,10 +912,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="peftkit-bench-") as tmp:
         workdir = Path(tmp)
         prepare_workdir(workdir, cases, counts, args.quick)
-        groups = plan_jobs(cases, libs, counts, args.quick, args.reps)
+        train_variants = [v.strip() for v in (args.train_variants or "").split(",") if v.strip()]
+        groups = plan_jobs(cases, libs, counts, args.quick, args.reps, train_variants)
         for group in groups:
             for job in group:
-                job.args += ["--workdir", str(workdir), "--size", size]
+                job.args += ["--workdir", str(workdir), "--size", size, "--compile-backend", backend]
         raw = harness.run_rounds(Path(__file__), groups, rounds, threads=args.threads, log=log)
         res = split_results(raw)
         imports = None
@@ -906,7 +929,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = done_when(summary)
     settings = {"cases": cases, "libs": libs, "size": size, "shapes": SHAPES[size], "rounds": rounds,
                 "reps": args.reps or ({c: 1 for c in CASES} if args.quick else REPS), "counts": counts,
-                "threads": args.threads, "rank": RANK, "lora_alpha": ALPHA, "targets": list(TARGETS),
+                "threads": args.threads, "compile_backend": backend, "rank": RANK, "lora_alpha": ALPHA, "targets": list(TARGETS),
                 "machine": harness.machine_info(), "total_s": time.perf_counter() - started}
     print(f"# peftkit bench: {json.dumps({k: settings[k] for k in ('cases', 'libs', 'size', 'rounds', 'reps')})}")
     print(f"# machine: {settings['machine']}; total {settings['total_s']:.0f} s")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from native_env import built_kernel, disabled_by_environment
 
 from peftkit.ops import native
 
@@ -35,19 +36,23 @@ def _problem(rows: int, n_in: int, r: int, n_out: int, seed: int = 0):
             torch.randn(r, n_in, generator=g), torch.randn(r, n_out, generator=g))
 
 
-def test_kernel_is_available_exactly_when_a_toolchain_is():
-    assert (native.lowrank_kernel() is not None) is _toolchain_present()
+def test_kernel_is_available_exactly_when_a_toolchain_is(monkeypatch):
+    disabled, available = disabled_by_environment(), native.lowrank_kernel() is not None  # before built_kernel
+    assert (built_kernel(monkeypatch) is not None) is _toolchain_present()  # unsets PEFTKIT_NATIVE
+    assert available is (_toolchain_present() and not disabled)  # PEFTKIT_NATIVE=0: callers use torch ops
 
 
 # decode row, a few rows, rank above one block (64) and not a multiple of 4, ragged output block, tiny sizes
 @pytest.mark.parametrize("rows,n_in,r,n_out", [(1, 12, 4, 10), (1, 768, 16, 768), (3, 37, 67, 129), (5, 8, 1, 3),
                                                (20, 64, 64, 200), (2, 2048, 130, 65)])
-def test_kernel_equals_reference(rows, n_in, r, n_out):
-    if native.lowrank_kernel() is None:
+def test_kernel_equals_reference(monkeypatch, rows, n_in, r, n_out):
+    kernel = built_kernel(monkeypatch)  # with PEFTKIT_NATIVE=0 too: this tests the kernel itself
+    if kernel is None:
         pytest.fail("no native kernel although the toolchain is present" if _toolchain_present()
                     else "no toolchain on this machine: the kernel cannot be checked")
     out, x, A, bts = _problem(rows, n_in, r, n_out)
     expected = native.add_lowrank_reference_(out.double(), x.double(), A.double(), bts.double())
+    monkeypatch.setattr(native, "_kernel", kernel)
     got = native.add_lowrank_native_(out, x, A, bts)
     assert got is out
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * (1 + expected.abs().max().item()))
@@ -122,8 +127,8 @@ def test_a_kernel_failing_its_self_check_is_rejected(fresh, monkeypatch):
     assert native.lowrank_kernel() is None
 
 
-def test_kernel_rejects_bad_arguments_with_typed_errors():
-    kernel = native.lowrank_kernel()
+def test_kernel_rejects_bad_arguments_with_typed_errors(monkeypatch):
+    kernel = built_kernel(monkeypatch)
     if kernel is None:
         assert not _toolchain_present()
         return

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from numerics import fp_tol
 from safetensors.torch import load_file
 from torch import nn
 
@@ -426,11 +428,15 @@ def test_torchao_merge_refuses_what_it_cannot_requantize():
     assert layer.merged_adapters == [] and layer.get_base_layer().weight is weight_before
     x = torch.randn(4, 64)
     with torch.no_grad():
-        expected = model.eval()(x)
+        # the merged model computes the dequantized weight plus the update. The int8 forward is no reference for
+        # that: oneDNN's int8 GEMM on AVX2 without VNNI saturates 16-bit partial sums (0.39 off with
+        # ONEDNN_MAX_CPU_ISA=AVX2), so the expected output is computed in float32 from the dequantized weight
+        base = layer.get_base_layer()
+        expected = F.linear(x, dense_weight(base) + layer.get_delta_weight("default"), base.bias)
         dense_model = model.merge_and_unload(dequantize=True)
     assert type(dense_model.lin) is nn.Linear
-    with torch.no_grad():
-        torch.testing.assert_close(dense_model(x), expected, atol=0.05, rtol=0)
+    with torch.no_grad():  # another summation order over 64 inputs plus rank 8
+        torch.testing.assert_close(dense_model(x), expected, **fp_tol(torch.float32, 64 + 8))
 
 
 def test_loha_refuses_quantized_layers():

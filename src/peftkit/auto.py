@@ -46,7 +46,12 @@ class _BaseAutoPeftModel:
         **kwargs: Any,
     ) -> PeftModel:
         """Read the adapter config, load its ``base_model_name_or_path`` (at ``revision``), resize the embeddings
-        when a tokenizer with more tokens is saved beside the adapter, then load the adapter."""
+        when a tokenizer with more tokens is saved beside the adapter, then load the adapter.
+
+        The base class: without ``task_type``, the one in ``auto_mapping`` (as the reference); with one, the task's
+        transformers Auto class. ``AutoPeftModel`` on an adapter with a ``task_type`` returns that task's class
+        (e.g. ``PeftModelForCausalLM``) where the reference raises ``ValueError``; a task class on another task's
+        adapter raises ``ConfigError`` (a ``ValueError``, as the reference)."""
         hub = {k: kwargs[k] for k in ("subfolder", "cache_dir", "token", "local_files_only") if k in kwargs}
         if revision is not None:
             hub["revision"] = revision  # the adapter's revision; the base model's is peft_config.revision
@@ -57,7 +62,8 @@ class _BaseAutoPeftModel:
                 f"the adapter config in {str(pretrained_model_name_or_path)!r} has no base_model_name_or_path; "
                 "load the base model yourself and use PeftModel.from_pretrained(model, path)"
             )
-        if cls._task_type is not None and str(peft_config.task_type) != cls._task_type:
+        task = peft_config.task_type
+        if cls._task_type is not None and task is not None and str(task) != cls._task_type:
             raise ConfigError("task_type", str(peft_config.task_type),
                               f"{cls.__name__} loads adapters with task_type {cls._task_type!r}")
         model_kwargs = {k: v for k, v in kwargs.items() if k not in ("subfolder", "adapter_name")}
@@ -73,11 +79,9 @@ class _BaseAutoPeftModel:
     def _base_class(cls, peft_config: PeftConfig, import_allowlist: list[str] | None) -> Any:
         import transformers
 
-        if cls._target_class is not None:
-            return getattr(transformers, cls._target_class)
         mapping = peft_config.auto_mapping
         if peft_config.task_type is not None:
-            return getattr(transformers, TASK_TO_AUTO_CLASS[str(peft_config.task_type)])
+            return getattr(transformers, cls._target_class or TASK_TO_AUTO_CLASS[str(peft_config.task_type)])
         if not mapping:
             raise AdapterLoadError("the adapter config has neither task_type nor auto_mapping, so the base class is "
                                    "unknown; load the base yourself and use PeftModel.from_pretrained")

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from typing_extensions import Self
 
-from .errors import AdapterLoadError, ConfigError, PeftWarning
+from .errors import AdapterLoadError, ConfigError, MissingPeftTypeError, PeftWarning
 from .fileio import atomic_write_text, resolve_file
 from .types import PeftType, TaskType
 
@@ -76,7 +76,8 @@ class PeftConfig:
         auto_mapping: ``{"base_model_class", "parent_library"}``, recorded when ``task_type`` is None.
         base_model_name_or_path: where ``AutoPeftModel`` loads the base from; recorded by ``get_peft_model``.
         revision: revision of the base model.
-        inference_mode: True freezes the adapter (always written as true on disk, as the reference does).
+        inference_mode: True freezes the adapter. ``PeftConfig.save_pretrained`` writes this value;
+            ``PeftModel.save_pretrained`` writes true (both as the reference does).
         peft_version: the format version and the writer, filled in automatically.
     """
 
@@ -121,17 +122,20 @@ class PeftConfig:
         return data
 
     def to_json_string(self) -> str:
-        """The JSON written to ``adapter_config.json``: sorted keys, indent 2, ``inference_mode`` true."""
-        data = _jsonable(self.to_dict())
-        data["inference_mode"] = True
-        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+        """The JSON written to ``adapter_config.json``: sorted keys, indent 2, sets as sorted lists."""
+        return json.dumps(_jsonable(self.to_dict()), indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
-        """Write ``adapter_config.json`` into ``save_directory`` (atomically). The object is not modified."""
+        """Write ``adapter_config.json`` into ``save_directory`` (atomically). The object is not modified.
+
+        The file holds the config's own values, ``inference_mode`` included (as the reference); an
+        ``auto_mapping_dict`` keyword replaces ``auto_mapping`` in the file, as the reference's does."""
         if os.path.isfile(save_directory):
             raise ConfigError("save_directory", str(save_directory), "allowed: a directory path, not a file")
         os.makedirs(save_directory, exist_ok=True)
-        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
+        auto_mapping = kwargs.pop("auto_mapping_dict", None)
+        config = self if auto_mapping is None else self.copy(auto_mapping=auto_mapping)
+        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), config.to_json_string())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:
@@ -160,8 +164,9 @@ class PeftConfig:
                 data = json.load(fh)
         except (OSError, json.JSONDecodeError) as exc:
             raise AdapterLoadError(f"cannot read the adapter config {str(path)!r}: {exc}") from exc
-        if not isinstance(data, dict) or "peft_type" not in data:
-            raise AdapterLoadError(f"{str(path)!r} is not an adapter config: it has no 'peft_type' key")
+        if not isinstance(data, dict):
+            raise AdapterLoadError(f"{str(path)!r} is not an adapter config: it holds a {type(data).__name__}, "
+                                   "not a JSON object")
         return data
 
     @classmethod
@@ -178,10 +183,38 @@ class PeftConfig:
             raise AdapterLoadError(f"no {CONFIG_NAME} found in {where!r}")
         data = cls.from_json_file(path)
         overrides = {k: v for k, v in kwargs.items() if k not in ("revision", "cache_dir", "token")}
-        target = _config_class_for(cls, data["peft_type"])
+        target = _config_class_for(cls, data.get("peft_type"), where=repr(str(path)))
         field_names = {f.name for f in dataclasses.fields(target)}
         data.update({k: v for k, v in overrides.items() if k in field_names})
-        return cls.from_dict(data)
+        return cls.from_dict(target.check_kwargs(**data))
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """Check (and possibly adjust) the fields read by :meth:`from_pretrained` before the config is built; a hook
+        for subclasses, as in the reference. The base returns ``kwargs`` unchanged."""
+        return kwargs
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+    ) -> Any:
+        """Upload ``adapter_config.json`` (as :meth:`save_pretrained` writes it) and a model card header with
+        ``tags`` to the Hub repo ``repo_id`` in one commit; returns ``huggingface_hub``'s ``CommitInfo``.
+        ``max_shard_size`` is accepted for the reference's signature and ignored."""
+        from .serialization.hub import push_to_hub
+
+        return push_to_hub(self.save_pretrained, repo_id, commit_message=commit_message,
+                           commit_description=commit_description, private=private, token=token, revision=revision,
+                           create_pr=create_pr, tags=tags)
 
     @classmethod
     def from_peft_type(cls, **kwargs: Any) -> PeftConfig:
@@ -193,11 +226,15 @@ class PeftConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _config_class_for(cls: type[PeftConfig], peft_type: object) -> type[PeftConfig]:
-    """The registered config class of ``peft_type``; ``cls`` itself when it is already specific."""
+def _config_class_for(cls: type[PeftConfig], peft_type: object, where: str = "the config") -> type[PeftConfig]:
+    """The registered config class of ``peft_type``; ``cls`` itself when it is already specific (a ``LoraConfig``
+    loads a config without ``peft_type``, as in the reference). Raises :class:`MissingPeftTypeError` (``TypeError``
+    and ``KeyError``, the reference's builtins) when neither says the method."""
     if peft_type is None:
         if cls is PeftConfig:
-            raise AdapterLoadError("the config has no 'peft_type' key, so its method is unknown")
+            raise MissingPeftTypeError(f"{where} has no 'peft_type' key, so its method is unknown; allowed: a config "
+                                       "with peft_type (e.g. 'LORA'), or loading it with the method's config class "
+                                       "(LoraConfig.from_pretrained)")
         return cls
     from .registry import get_method
 

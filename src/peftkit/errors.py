@@ -17,6 +17,10 @@ class PeftWarning(UserWarning):
     """Category of every warning peftkit emits."""
 
 
+class PeftRuntimeWarning(PeftWarning, RuntimeWarning):
+    """A :class:`PeftWarning` where the reference warns with ``RuntimeWarning`` (unused rank/alpha pattern keys)."""
+
+
 class ConfigError(PeftError, ValueError):
     """A config field has a value that is not allowed."""
 
@@ -29,8 +33,21 @@ class NoMatchingPeftModuleError(PeftError, ValueError):
     """``target_modules`` (or another selector) matched no module of the model."""
 
 
-class UnsupportedModuleError(PeftError, TypeError):
-    """A targeted module has a type the method has no layer for."""
+class UnsupportedModuleError(PeftError, TypeError, ValueError):
+    """A targeted module has a type the method has no layer for.
+
+    Both builtins the reference raises here: ``ValueError`` (LoRA, IA3, AdaLoRA: "Target module ... is not
+    supported") and ``TypeError`` (LoHa, LoKr; ``modules_to_save`` on a container)."""
+
+
+class UnsupportedOperationError(PeftError, TypeError):
+    """An operation the model's method does not have (``set_requires_grad`` on a prompt-learning adapter, as the
+    reference's ``TypeError``; ``get_prompt`` on a model without prompt-learning adapters)."""
+
+
+class NotPromptLearningError(UnsupportedOperationError, AttributeError):
+    """A prompt-learning operation (``get_prompt``, ``get_prompt_embedding_to_save``) on a model without
+    prompt-learning adapters: also an ``AttributeError``, which the reference raises there."""
 
 
 class AdapterNotFoundError(PeftError, ValueError, KeyError):
@@ -48,12 +65,27 @@ class AdapterExistsError(PeftError, ValueError):
     """An adapter name that is already taken."""
 
 
+class AdapterConflictError(PeftError, ValueError):
+    """Adapters that cannot be active together (e.g. two that each hold a ``modules_to_save`` copy of one module)."""
+
+
 class AdapterLoadError(PeftError, ValueError):
     """An adapter could not be loaded (missing or corrupt files, mismatched keys or shapes)."""
 
 
-class ShapeMismatchError(AdapterLoadError):
-    """A checkpoint tensor's shape differs from the shape of the parameter it loads into."""
+class MissingPeftTypeError(AdapterLoadError, TypeError, KeyError):
+    """A config (dict or ``adapter_config.json``) without ``peft_type``, loaded where the method must come from it.
+
+    The reference raises ``TypeError`` from ``PeftConfig.from_pretrained`` and ``KeyError`` from
+    ``get_peft_config`` / ``PeftModel.from_pretrained``; this error is both (and a ``ValueError``, as every load
+    error here)."""
+
+    __str__ = ValueError.__str__
+
+
+class ShapeMismatchError(AdapterLoadError, RuntimeError):
+    """A checkpoint tensor's shape differs from the shape of the parameter it loads into (also a ``RuntimeError``,
+    which the reference raises from ``load_state_dict``)."""
 
 
 class MergeError(PeftError, ValueError):

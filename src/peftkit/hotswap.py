@@ -2,10 +2,14 @@
 
 ``hotswap_adapter(model, path, "default")`` copies the adapter saved in ``path`` into the tensors of the loaded
 adapter ``"default"``: no module or parameter object is created or replaced, only their values change
-(``Tensor.copy_``). The new adapter must target the same modules; its ranks may be equal or smaller (a smaller rank
-``r'`` fills rows ``[:r']`` of ``A: (r, in)`` and columns ``[:r']`` of ``B: (out, r)``, the rest is set to 0, which
-computes exactly the rank-``r'`` update). Each layer's ``scaling`` becomes the new adapter's ``lora_alpha / r``
-(after ``rank_pattern`` / ``alpha_pattern``; ``lora_alpha / sqrt(r)`` with rsLoRA).
+(``Tensor.copy_``). As in the reference, the new adapter may target a subset of the loaded modules (the LoRA
+tensors of the modules it lacks are set to 0, so those modules compute their base output) but no module the loaded
+adapter lacks. Its ranks may be equal or smaller (a smaller rank ``r'`` fills rows ``[:r']`` of ``A: (r, in)`` and
+columns ``[:r']`` of ``B: (out, r)``, the rest is set to 0, which computes exactly the rank-``r'`` update) or larger:
+then the parameter objects keep their identity but take the new shape (``torch.utils.swap_tensors``), which a
+compiled model sees as a new graph (it recompiles; :func:`prepare_model_for_compiled_hotswap` with a large enough
+``target_rank`` avoids that). Each layer's ``scaling`` becomes the new adapter's ``lora_alpha / r`` (after
+``rank_pattern`` / ``alpha_pattern``; ``lora_alpha / sqrt(r)`` with rsLoRA).
 
 For a ``torch.compile``'d model to swap without recompiling, call :func:`prepare_model_for_compiled_hotswap` after
 loading the first adapter and before compiling: it turns every scaling into a 0-dim float32 tensor (a float
@@ -231,6 +235,7 @@ class _Entry:
     layer: LoraLayer | None = None
     layer_path: str = ""
     rank_dim: int | None = None
+    attr: str = ""  # the layer's attribute holding it (``lora_A``, ``lora_embedding_B``, ...)
 
 
 def _entries(model: nn.Module, adapter_name: str) -> tuple[dict[str, _Entry], dict[str, str]]:
@@ -247,7 +252,7 @@ def _entries(model: nn.Module, adapter_name: str) -> tuple[dict[str, _Entry], di
             key = f"{path}.{saved}" if path else saved
             attr = saved.split(".", 1)[0]
             rank_dim = 0 if attr.endswith("_A") else (1 if tensor.dim() >= 2 else None)
-            entries[key] = _Entry(key, tensor, layer, path, rank_dim)
+            entries[key] = _Entry(key, tensor, layer, path, rank_dim, attr)
     return entries, aliases
 
 
@@ -273,16 +278,20 @@ def hotswap_adapter_from_state_dict(
     """Copy ``state_dict`` into the loaded adapter ``adapter_name`` of ``model`` in place, and set its scalings.
 
     ``state_dict`` keys may be checkpoint keys (``lin0.lora_A.weight``, as saved) or in-memory keys
-    (``lin0.lora_A.default.weight``), with or without ``base_model.model.`` / ``_orig_mod.``. They must name exactly
-    the adapter's tensors. Rank-bearing factors may have a smaller rank than the loaded ones (zero-padded); every
-    other dimension must match. ``config`` (the new adapter's ``LoraConfig``) gives each layer's scaling
-    ``lora_alpha / r`` after ``rank_pattern`` / ``alpha_pattern`` (rsLoRA: ``/ sqrt(r)``). ``model`` may be a
-    ``PeftModel``, a model with injected adapters, or either compiled.
+    (``lin0.lora_A.default.weight``), with or without ``base_model.model.`` / ``_orig_mod.``. They must name tensors of
+    the loaded adapter; as in the reference, LoRA tensors of the loaded adapter that ``state_dict`` lacks (an
+    adapter targeting a subset of the modules) are set to 0, so those modules compute their base output, while a
+    lacking ``modules_to_save`` / trainable-token tensor is an error (the reference silently keeps the old copy).
+    Rank-bearing factors may have a smaller rank than the loaded ones (zero-padded) or a larger one (the parameter
+    keeps its identity and takes the new shape via ``torch.utils.swap_tensors``; a compiled model then recompiles, so
+    this warns there); every other dimension must match. ``config`` (the new adapter's ``LoraConfig``) gives each
+    layer's scaling ``lora_alpha / r`` after ``rank_pattern`` / ``alpha_pattern`` (rsLoRA: ``/ sqrt(r)``).
+    ``model`` may be a ``PeftModel``, a model with injected adapters, or either compiled.
 
     Everything is checked before anything is written: an unknown adapter (:class:`AdapterNotFoundError`), another
     method (:class:`ConfigError`), a merged adapter (:class:`MergeError`), different targets or keys
-    (:class:`AdapterLoadError` naming the modules), a larger rank or another shape (:class:`ShapeMismatchError`)
-    leave the model unchanged. The stored ``model.peft_config[adapter_name]`` takes the new adapter's rank, alpha,
+    (:class:`HotswapKeyError` naming the modules), another non-rank shape (:class:`ShapeMismatchError`) leave the
+    model unchanged. The stored ``model.peft_config[adapter_name]`` takes the new adapter's rank, alpha,
     patterns, rsLoRA flag and dropout.
     """
     inner = _unwrap(model)
@@ -292,9 +301,12 @@ def hotswap_adapter_from_state_dict(
     _check_config(configs[adapter_name], config, parameter_prefix)
     _check_not_merged(inner, adapter_name)
     entries, aliases = _entries(inner, adapter_name)
-    plan = _match(entries, aliases, state_dict, adapter_name, parameter_prefix)
-    ranks = _check_shapes(plan, config)
-    _write(plan)
+    plan, lacking = _match(entries, aliases, state_dict, adapter_name, parameter_prefix)
+    ranks, grown = _check_shapes(plan, config)
+    if grown and is_compiled(model):
+        _warn_recompile(grown)
+    _zero(lacking)
+    _write(plan, adapter_name)
     _set_scalings(inner, adapter_name, config, ranks)
     configs[adapter_name] = configs[adapter_name].copy(
         r=config.r, lora_alpha=config.lora_alpha, rank_pattern=dict(config.rank_pattern or {}),
@@ -323,10 +335,18 @@ def _check_not_merged(model: nn.Module, adapter_name: str) -> None:
                          f"{merged[:3]}; call unmerge_adapter() first")
 
 
+class HotswapKeyError(AdapterLoadError, RuntimeError):
+    """The new adapter's tensors do not fit the loaded adapter (a module it lacks, a ``modules_to_save`` copy
+    missing). Subclasses ``RuntimeError`` as the reference's error does, and ``ValueError``
+    (:class:`AdapterLoadError`)."""
+
+
 def _match(
     entries: dict[str, _Entry], aliases: dict[str, str], state_dict: dict[str, torch.Tensor], adapter_name: str,
     prefix: str,
-) -> list[tuple[_Entry, torch.Tensor]]:
+) -> tuple[list[tuple[_Entry, torch.Tensor]], list[_Entry]]:
+    """``(tensors to write, LoRA tensors of the loaded adapter that the new one lacks)``; raises
+    :class:`HotswapKeyError` for a tensor the loaded adapter lacks or a lacking non-LoRA tensor."""
     plan: dict[str, tuple[_Entry, torch.Tensor]] = {}
     unexpected: list[str] = []
     for raw, value in state_dict.items():
@@ -336,22 +356,38 @@ def _match(
             plan[key] = (entries[key], value)
         else:
             unexpected.append(key)
-    missing = [k for k in entries if k not in plan]
-    if unexpected or missing:
+    lacking = [entry for k, entry in entries.items() if k not in plan]
+    missing = [entry.key for entry in lacking if entry.layer is None]  # modules_to_save, trainable tokens
+    if unexpected:
         extra_mods = sorted({_module_of(k, prefix) for k in unexpected})
-        missing_mods = sorted({_module_of(k, prefix) for k in missing})
-        raise AdapterLoadError(
-            f"cannot hot-swap adapter {adapter_name!r}: the new adapter's tensors differ from the loaded ones. "
-            f"Modules only in the new adapter: {extra_mods[:10]} (keys {unexpected[:5]}); modules the new adapter "
-            f"lacks: {missing_mods[:10]} (keys {missing[:5]}). Hot-swapping needs the same target modules (and "
-            "lora_bias / modules_to_save); load it as a separate adapter with load_adapter() instead."
+        raise HotswapKeyError(
+            f"cannot hot-swap adapter {adapter_name!r}: the new adapter has tensors for modules the loaded one does "
+            f"not adapt: {extra_mods[:10]} (keys {unexpected[:5]}). Hot-swapping can target the loaded modules or a "
+            "subset of them; load it as a separate adapter with load_adapter() instead."
         )
-    return list(plan.values())
+    if missing:
+        raise HotswapKeyError(
+            f"cannot hot-swap adapter {adapter_name!r}: the new adapter lacks the tensors {missing[:5]} "
+            "(modules_to_save / trainable tokens) that the loaded one holds; the old copies would stay in use "
+            "(the reference keeps them silently). Load it as a separate adapter with load_adapter() instead."
+        )
+    return list(plan.values()), lacking
 
 
-def _check_shapes(plan: list[tuple[_Entry, torch.Tensor]], config: LoraConfig) -> dict[str, int]:
-    """Check every shape; return ``{layer path: new rank}``."""
+def _zero(lacking: list[_Entry]) -> None:
+    """Set the LoRA tensors the new adapter lacks to 0: their modules then compute the base output."""
+    with torch.no_grad():
+        for entry in lacking:
+            entry.tensor.zero_()
+
+
+def _check_shapes(
+    plan: list[tuple[_Entry, torch.Tensor]], config: LoraConfig,
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Check every shape; return ``({layer path: new rank}, {layer path: new rank} of the layers whose rank
+    grows)``."""
     ranks: dict[str, int] = {}
+    grown: dict[str, int] = {}
     for entry, value in plan:
         old, new = tuple(entry.tensor.shape), tuple(value.shape)
         if entry.rank_dim is None:
@@ -363,11 +399,7 @@ def _check_shapes(plan: list[tuple[_Entry, torch.Tensor]], config: LoraConfig) -
             raise ShapeMismatchError(f"cannot hot-swap {entry.key!r}: new shape {new}, loaded shape {old} (only the "
                                      f"rank dimension {d} may differ)")
         if new[d] > old[d]:
-            raise ShapeMismatchError(
-                f"cannot hot-swap {entry.key!r}: the new adapter has rank {new[d]} there but the loaded one only "
-                f"{old[d]}. Call prepare_model_for_compiled_hotswap(model, target_rank={new[d]}) (or larger) after "
-                "loading the first adapter and before compiling, or load it with load_adapter()."
-            )
+            grown[entry.layer_path] = new[d]
         previous = ranks.setdefault(entry.layer_path, new[d])
         if previous != new[d]:
             raise ShapeMismatchError(f"cannot hot-swap layer {entry.layer_path!r}: its A and B factors have "
@@ -377,18 +409,51 @@ def _check_shapes(plan: list[tuple[_Entry, torch.Tensor]], config: LoraConfig) -
         if expected != rank:
             raise AdapterLoadError(f"cannot hot-swap layer {path!r}: its tensors have rank {rank} but the new "
                                    f"adapter's config says r={expected} (r / rank_pattern); the scaling would be wrong")
-    return ranks
+    return ranks, grown
 
 
-def _write(plan: list[tuple[_Entry, torch.Tensor]]) -> None:
+def _warn_recompile(grown: dict[str, int]) -> None:
+    largest = max(grown.values())
+    first = next(iter(grown))
+    warnings.warn(
+        f"hot-swapping into a compiled model grows the rank of {len(grown)} layer(s) (e.g. {first!r} to "
+        f"{grown[first]}): the LoRA weights change shape, so the model recompiles. Call "
+        f"prepare_model_for_compiled_hotswap(model, target_rank={largest}) (or larger) after loading the first "
+        "adapter and before compiling to swap without recompiling.", PeftWarning, stacklevel=4)
+
+
+def _write(plan: list[tuple[_Entry, torch.Tensor]], adapter_name: str) -> None:
     with torch.no_grad():
         for entry, value in plan:
             target = entry.tensor
             if entry.rank_dim is None or value.shape[entry.rank_dim] == target.shape[entry.rank_dim]:
                 target.copy_(value)
-            else:
+            elif value.shape[entry.rank_dim] < target.shape[entry.rank_dim]:
                 target.zero_()
                 target.narrow(entry.rank_dim, 0, value.shape[entry.rank_dim]).copy_(value)
+            else:
+                _grow(entry, value, adapter_name)
+
+
+def _grow(entry: _Entry, value: torch.Tensor, adapter_name: str) -> None:
+    """Give the parameter ``entry.tensor`` the larger-rank ``value`` in place: the object (and so every reference to
+    it, in the module and in an optimizer) stays, its shape, storage and values become ``value``'s (cast to its dtype
+    and device). The holding ``nn.Linear``/conv's feature counts follow the new shape."""
+    target = entry.tensor
+    grown = nn.Parameter(value.detach().to(device=target.device, dtype=target.dtype).clone(),
+                         requires_grad=target.requires_grad)
+    try:
+        torch.utils.swap_tensors(target, grown)
+    except RuntimeError:  # weak references (e.g. a compiled graph's) forbid swapping: rebind the storage instead
+        target.data = grown.data
+    layer, dim = entry.layer, entry.rank_dim
+    assert layer is not None and dim is not None
+    holder = getattr(layer, entry.attr)[adapter_name]
+    if isinstance(holder, nn.Module):
+        _set_rank_attr(holder, dim, target.shape[dim])
+    layer.r[adapter_name] = target.shape[dim]
+    layer._bt_cache.pop(adapter_name, None)
+    layer._refresh()
 
 
 def _set_scalings(model: nn.Module, adapter_name: str, config: LoraConfig, ranks: dict[str, int]) -> None:

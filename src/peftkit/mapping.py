@@ -45,6 +45,9 @@ def get_peft_model(
         warnings.warn(f"adapter_name {adapter_name!r} is a substring of the parameter prefix {prefix!r}; "
                       "this can confuse tools that search parameter names", PeftWarning, stacklevel=2)
     if revision is not None:
+        if peft_config.revision is not None and peft_config.revision != revision:
+            warnings.warn(f"the config sets the base model revision {peft_config.revision!r}; the revision argument "
+                          f"{revision!r} overrides it", PeftWarning, stacklevel=2)
         peft_config = peft_config.copy(revision=revision)
     cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(peft_config.task_type), PeftModel)
     return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,

@@ -19,7 +19,7 @@ import contextlib
 import json
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -27,7 +27,14 @@ from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
 from .config import PeftConfig
-from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError, PeftWarning
+from .errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    ConfigError,
+    NotPromptLearningError,
+    PeftWarning,
+    UnsupportedOperationError,
+)
 from .fileio import HUB_KWARGS
 from .injection.apply import weights_follow
 from .injection.plan import QA_HEADS, SEQ_CLS_HEADS
@@ -42,7 +49,7 @@ from .module_utils import gc_paused, parameter_grads, walk_modules
 from .registry import get_method
 from .serialization.files import load_peft_weights, save_weights
 from .serialization.model_card import render_model_card, write_model_card
-from .serialization.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from .serialization.state_dict import get_peft_model_state_dict, input_embedding, set_peft_model_state_dict
 from .tuner import TunerModel, tuner_class
 from .types import TaskType
 
@@ -89,7 +96,8 @@ class PeftModel(nn.Module):
             model, config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
             autocast_adapter_dtype=autocast_adapter_dtype, task_heads=self._task_heads,
         )
-        self._enabled = True
+        #: True inside ``disable_adapter()`` (the reference's flag, read by ``has_active_enabled_adapter``)
+        self._adapters_disabled = False
         # the wrappers take the wrapped model's mode (nn.Module starts in training mode; the reference's PeftModel
         # reports training=True around an eval-mode model)
         self.training = self.base_model.training = model.training
@@ -208,16 +216,24 @@ class PeftModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Context manager: inside, the model computes the base model's outputs; on exit the previous state returns."""
-        was_enabled = self._enabled
+        """Context manager: inside, the model computes the base model's outputs; on exit the previous state returns.
+
+        As the reference: layers that were all disabled before stay disabled; when some were enabled and others
+        disabled (``"irregular"``) a warning is given and all are enabled on exit."""
+        state = self.base_model.adapter_layers_enabled()
+        if state == "irregular":
+            warnings.warn("The model contains some adapter layers that are enabled and others that are disabled. "
+                          "This is most likely unintentional. After exiting the disable_adapter context, all "
+                          "adapters will be enabled", PeftWarning, stacklevel=3)
+        was_disabled = self._adapters_disabled
         self.base_model.disable_adapter_layers()
-        self._enabled = False
+        self._adapters_disabled = True
         try:
             yield
         finally:
-            if was_enabled:
+            if state is not False:
                 self.base_model.enable_adapter_layers()
-                self._enabled = True
+            self._adapters_disabled = was_disabled
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -285,14 +301,14 @@ class PeftModel(nn.Module):
             save_weights(tensors, target, safe_serialization)
             if config.task_type is None and config.auto_mapping is None:
                 config = config.copy(auto_mapping=_auto_mapping(self.get_base_model()))
-            config.save_pretrained(target)
+            config.copy(inference_mode=True).save_pretrained(target)  # a saved adapter loads frozen (reference)
         self.create_or_update_model_card(save_directory)
 
     def _save_embeddings(self, save_embedding_layers: bool | str) -> bool:
         if save_embedding_layers != "auto":
             return bool(save_embedding_layers)
         base_path = next(iter(self.peft_config.values())).base_model_name_or_path
-        emb = getattr(self.get_base_model(), "get_input_embeddings", lambda: None)()
+        emb = input_embedding(self.get_base_model())  # None also where the model's method raises (ConvNeXt)
         config_file = os.path.join(base_path, "config.json") if base_path else None
         if emb is None or config_file is None or not os.path.isfile(config_file):
             return False
@@ -322,17 +338,17 @@ class PeftModel(nn.Module):
         token: bool | str | None = None,
         revision: str | None = None,
         create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
         tags: list[str] | None = None,
         **save_kwargs: Any,
     ) -> Any:
         """Upload the adapter files (as ``save_pretrained`` writes them, ``save_kwargs`` passed on) and a model card
         with ``library_name: peft``, ``base_model`` and ``tags`` to the Hub repo ``repo_id`` in one commit.
 
-        Returns ``huggingface_hub``'s ``CommitInfo``. ``max_shard_size`` is accepted and ignored (adapters are
-        never sharded)."""
+        Returns ``huggingface_hub``'s ``CommitInfo``. ``max_shard_size`` is accepted and ignored, as the reference's
+        ``save_pretrained`` ignores it (adapters are never sharded)."""
         from .serialization.hub import push_to_hub
 
-        save_kwargs.pop("max_shard_size", None)
         return push_to_hub(lambda tmp: self.save_pretrained(tmp, **save_kwargs), repo_id,
                            commit_message=commit_message, commit_description=commit_description, private=private,
                            token=token, revision=revision, create_pr=create_pr, tags=tags)
@@ -371,7 +387,8 @@ class PeftModel(nn.Module):
             key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None
         grads = parameter_grads(model)  # restored if loading fails
         try:
-            with _skip_init_unless(is_trainable), gc_paused():
+            # low_cpu_mem_usage: adapter tensors start on meta; loading fills them, missing ones become zeros
+            with _skip_init_unless(is_trainable and not low_cpu_mem_usage), gc_paused():
                 peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                         low_cpu_mem_usage=low_cpu_mem_usage)
                 try:
@@ -442,6 +459,80 @@ class PeftModel(nn.Module):
         from .status import get_model_status
 
         return get_model_status(self)
+
+    # ------------------------------------------------------------------ the reference's helpers
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        """The config of the active adapter (of the first one when several are active)."""
+        active = self.active_adapter
+        return self.peft_config[active if isinstance(active, str) else active[0]]
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """False inside ``disable_adapter()`` (for a layer method: unless no adapter is active), as the reference."""
+        if self.active_peft_config.is_prompt_learning:
+            return not self._adapters_disabled
+        return not self._adapters_disabled or not self.active_adapters
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The union of the adapters' ``modules_to_save`` (task heads included), None when empty."""
+        modules: set[str] = set()
+        for config in self.peft_config.values():
+            modules.update(getattr(config, "modules_to_save", None) or ())
+        return modules or None
+
+    @property
+    def base_model_torch_dtype(self) -> torch.dtype | None:
+        """The wrapped model's ``dtype`` attribute (transformers models have one), else None."""
+        return getattr(self.base_model, "dtype", None)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Enable (default) or disable gradients of the named adapters' tensors, active or not. The choice is
+        kept by later ``set_adapter`` calls. Not for prompt-learning methods (``TypeError``, as the reference)."""
+        if self.active_peft_config.is_prompt_learning:
+            raise UnsupportedOperationError(
+                "Setting `requires_grad` is not supported for prompt learning methods like "
+                f"{self.active_peft_config.peft_type.value}."  # type: ignore[union-attr]
+            )
+        self.base_model.set_requires_grad(adapter_names, requires_grad)
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """Make ``model``'s input embeddings output tensors that require grad (unless it is quantized), so that
+        re-entrant gradient checkpointing of a frozen base still trains the adapters; returns ``model``."""
+        quantized = any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit",
+                                                                  "is_quantized"))
+        if not quantized:
+            enable_input_grads(model)
+        return model
+
+    def _prompt_tuner(self, what: str) -> Any:
+        if not self.active_peft_config.is_prompt_learning:
+            raise NotPromptLearningError(f"{what} is only available for prompt learning methods (prompt tuning, "
+                                            f"P-tuning, prefix tuning); this model holds {self.peft_type} adapters")
+        return self.base_model
+
+    def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
+        """The tensor saved as ``prompt_embeddings`` for a prompt-learning adapter, detached on CPU:
+        ``(num_virtual_tokens * num_transformer_submodules, token_dim)`` for prompt tuning / P-tuning,
+        ``(num_virtual_tokens, num_layers * 2 * token_dim)`` for prefix tuning."""
+        tuner = self._prompt_tuner("get_prompt_embedding_to_save")
+        if adapter_name not in tuner.prompt_encoder:
+            raise AdapterNotFoundError(adapter_name, tuner.prompt_encoder.keys())
+        with torch.no_grad():
+            return tuner.prompt_encoder[adapter_name].output().detach().cpu()
+
+    def get_prompt(self, batch_size: int, task_ids: torch.Tensor | None = None,
+                   max_cache_len: int | None = None) -> Any:
+        """The active prompt-learning adapter's virtual prompts for ``batch_size`` rows: prompt tuning / P-tuning
+        ``(batch_size, num_virtual_tokens * num_transformer_submodules, token_dim)``; prefix tuning a transformers
+        cache holding per-layer keys and values ``(batch_size, heads, num_virtual_tokens, head_dim)``.
+        ``task_ids`` (multitask prompt tuning) and ``max_cache_len`` are accepted for the reference's signature."""
+        tuner = self._prompt_tuner("get_prompt")
+        config = self.active_peft_config
+        if str(get_method(str(config.peft_type)).prompt_routing) == "prefix":
+            return tuner.prefix_cache(batch_size, encoder_decoder=config.num_transformer_submodules == 2)
+        return tuner.prompts(batch_size)
 
 
 PeftModel.forward = declare_labels(PeftModel.forward, PeftModel._label_names)  # type: ignore[method-assign]

@@ -80,6 +80,9 @@ class MethodSpec:
             targeted module warns (AdaLoRA's ``rank_pattern`` is a record of surviving ranks, not such a field).
         prepare_load: ``(model, config, adapter_name) -> None``: called by ``set_peft_model_state_dict`` before the
             shapes are checked, with the model's stored config (AdaLoRA resizes its layers by ``rank_pattern``).
+        check_plan: ``(config, [(module_name, module), ...]) -> None``: called once with every module the plan
+            wraps, to warn about per-layer facts that are likely a mistake (LoRA: ``lora_bias=True`` on layers
+            without a bias), one warning naming all of them; None: nothing to check.
     """
 
     peft_type: PeftType
@@ -108,6 +111,7 @@ class MethodSpec:
     export_state: Callable[[nn.Module, PeftConfig, str, dict[str, torch.Tensor]],
                            dict[str, torch.Tensor]] | None = None
     prepare_load: Callable[[nn.Module, PeftConfig, str], None] | None = None
+    check_plan: Callable[[PeftConfig, Sequence[tuple[str, nn.Module]]], None] | None = None
     rank_field: str = "r"
     pattern_fields: tuple[str, ...] = ("rank_pattern", "alpha_pattern")
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from .config import PeftConfig
 from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError, MergeError, PeftWarning
-from .injection.apply import AppliedPlan, apply_plan, rollback, set_submodule
+from .injection.apply import AppliedPlan, adapters_on_meta, apply_plan, rollback, set_submodule
 from .injection.plan import InjectionPlan, plan_injection
 from .layers.base import AdapterLayer
 from .layers.modules_to_save import ModulesToSaveWrapper
@@ -57,8 +57,10 @@ class TunerModel(BaseTuner):
         super().__init__(model, task_heads)
         self._loss_term: Any = None  # MethodSpec.loss_term of the method, set on injection
         configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
-        for name, config in configs.items():
-            self.inject_adapter(config, name, autocast_adapter_dtype=autocast_adapter_dtype)
+        # low_cpu_mem_usage: adapter tensors stay on the meta device until a checkpoint is loaded (as the reference)
+        with adapters_on_meta() if low_cpu_mem_usage else contextlib.nullcontext():
+            for name, config in configs.items():
+                self.inject_adapter(config, name, autocast_adapter_dtype=autocast_adapter_dtype)
         self.model.peft_config = self.peft_config
 
     # ------------------------------------------------------------------ forwarding
@@ -125,6 +127,7 @@ class TunerModel(BaseTuner):
                 f"at most one adapter may train biases and adapter {biased[0]!r} already has "
                 f"bias={self.peft_config[biased[0]].bias!r}; use bias='none'",  # type: ignore[attr-defined]
             )
+        _warn_base_weight_init_with_others(self.peft_config, config, adapter_name)
         return method
 
     def remove_injected(self, applied: AppliedPlan) -> None:
@@ -144,6 +147,15 @@ class TunerModel(BaseTuner):
         ``inference_mode=False`` makes the activated adapters trainable, ``True`` freezes them.
         """
         names = self._require([adapter_name] if isinstance(adapter_name, str) else adapter_name)
+        for path, module in self.adapter_modules():  # before anything changes: one modules_to_save copy per module
+            if isinstance(module, ModulesToSaveWrapper):
+                module.check_set_adapter(names, path)
+        merged = list(dict.fromkeys(n for layer in self.adapter_layers() for n in layer.merged_adapters))
+        if merged:  # the reference unmerges here; peftkit keeps them merged and applied (README), so say so
+            warnings.warn(f"set_adapter while adapters {merged} are merged: they stay merged into the base weights "
+                          "and apply together with the active adapters (the reference unmerges them first). Call "
+                          "unmerge_adapter() before set_adapter() to use only the active adapters.", PeftWarning,
+                          stacklevel=3)
         if inference_mode is not None:
             for name in names:
                 self._trainable[name] = not inference_mode
@@ -208,6 +220,9 @@ class TunerModel(BaseTuner):
         self._trainable.pop(adapter_name, None)
         remaining = [a for a in self._active if a != adapter_name]
         self._active = remaining or sorted(self.peft_config)[:1]
+        if not remaining and self._active:
+            warnings.warn(f"Adapter {adapter_name} was active which is now deleted. Setting active adapter to "
+                          f"{self._active[0]}.", PeftWarning, stacklevel=3)
         self._refresh_trainability()
 
     def add_weighted_adapter(
@@ -304,6 +319,7 @@ class TunerModel(BaseTuner):
         """
         self._check_mergeable(adapter_names)
         layers = list(self.adapter_layers())
+        _warn_additional_merge(layers, adapter_names or self.active_adapters)
         for layer in layers:  # a quantized base that cannot be re-quantized refuses before anything is merged
             if layer._adapters_to_merge(adapter_names, warn=False):
                 check_requantizable(layer.get_base_layer())
@@ -324,7 +340,10 @@ class TunerModel(BaseTuner):
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights."""
-        for layer in self.adapter_layers():
+        layers = list(self.adapter_layers())
+        if not any(layer.merged_adapters for layer in layers):
+            warnings.warn("Already unmerged. Nothing to do.", PeftWarning, stacklevel=3)
+        for layer in layers:
             layer.unmerge()
 
     def merge_and_unload(
@@ -353,7 +372,8 @@ class TunerModel(BaseTuner):
         Unlike the reference, ``modules_to_save`` wrappers go back to the original module, so the result computes
         exactly what the base model computed before ``get_peft_model``.
         """
-        self.unmerge_adapter()
+        for layer in self.adapter_layers():
+            layer.unmerge()
         return self._unwrap(keep_trained_copies=False, progressbar=False)
 
     def _unwrap(self, keep_trained_copies: bool, progressbar: bool) -> nn.Module:
@@ -372,6 +392,31 @@ class TunerModel(BaseTuner):
         if "peft_config" in self.model.__dict__:
             del self.model.__dict__["peft_config"]
         return self.model
+
+
+def _warn_additional_merge(layers: list[AdapterLayer], names: Sequence[str]) -> None:
+    """As the reference's ``check_adapters_to_merge``: merging more adapters on top of merged ones warns."""
+    merged = list(dict.fromkeys(n for layer in layers for n in layer.merged_adapters))
+    additional = [n for n in names if n not in merged]
+    if merged and additional:
+        warnings.warn(f"Already following adapters were merged {','.join(merged)}. You are now additionally merging "
+                      f"{','.join(additional)}.", PeftWarning, stacklevel=4)
+
+
+def _warn_base_weight_init_with_others(configs: dict[str, PeftConfig], new: PeftConfig, new_name: str) -> None:
+    """As the reference's ``PeftModel.add_adapter``: PiSSA/OLoRA rewrite the base weights, so they should not be
+    combined with other adapters on the same model."""
+    if not configs:
+        return
+    for config in (*configs.values(), new):
+        init = getattr(config, "init_lora_weights", None)
+        if isinstance(init, str) and (init.lower().startswith("pissa") or init.lower() == "olora"):
+            kind = "PiSSA" if init.lower().startswith("pissa") else "OLoRA"
+            warnings.warn(f"{kind} changes the base weights of the model and should thus not be used with other "
+                          f"adapters (adding {new_name!r} next to {sorted(configs)}). Consider converting the {kind} "
+                          "adapter into a normal LoRA adapter: save_pretrained(path_initial_model_for_weight_"
+                          "conversion=...).", PeftWarning, stacklevel=5)
+            return
 
 
 def _resolved_fields(config: PeftConfig, plan: InjectionPlan) -> dict[str, Any]:

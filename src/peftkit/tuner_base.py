@@ -64,6 +64,29 @@ class BaseTuner(nn.Module):
     def method(self) -> MethodSpec:
         return get_method(self.peft_type)
 
+    def adapter_layers_enabled(self) -> bool | str:
+        """True when every adapter layer / ``modules_to_save`` wrapper (and, for the prompt tuner, the routing of
+        inputs) is enabled, False when all are disabled, ``"irregular"`` when they disagree (as the reference's
+        ``get_model_status().enabled``)."""
+        flags = {not module.disable_adapters for _, module in self.adapter_modules()}  # type: ignore[attr-defined]
+        disabled = vars(self).get("_disabled")  # the prompt tuner's model-level switch
+        if isinstance(disabled, bool):
+            flags.add(not disabled)
+        if len(flags) > 1:
+            return "irregular"
+        return flags.pop() if flags else True
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Set ``requires_grad`` of every tensor of the named adapters, active or not (as the reference), and
+        remember it as their trainability, so that a later ``set_adapter`` keeps it. Unknown names raise."""
+        names = self._require([adapter_names] if isinstance(adapter_names, str) else adapter_names)
+        for name in names:
+            self._trainable[name] = bool(requires_grad)
+        for _, module in self.adapter_modules():  # type: ignore[attr-defined]
+            for name in names:
+                for param in module.adapter_parameters(name):
+                    param.requires_grad_(requires_grad)
+
     def _require(self, names: Iterable[str]) -> list[str]:
         """``names`` as a list; raises :class:`AdapterNotFoundError` for a name this tuner does not hold."""
         names = list(names)

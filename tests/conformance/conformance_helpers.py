@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from models import TASK_CASES, TaskCase, model_output
+from numerics import TINY_MODEL_REDUCTION, fp_tol
 from torch import nn
 
 from peftkit import AdapterLayer, ModulesToSaveWrapper, PeftConfig, PeftModel, get_peft_model
@@ -27,10 +28,10 @@ PROMPT_METHODS: list[MethodSpec] = [m for m in all_methods() if m.kind == "promp
 BATCH = 2
 #: tolerances of REFERENCE.md §4 (fp32)
 TOL_IDENTITY = 1e-6
-TOL_MERGE = 1e-5
-#: merged weights are rounded to fp32 at the scale of W + dW: merge comparisons also allow this error relative to
-#: the largest compared value
-RTOL_MERGE = 1e-5
+#: merged weights are rounded to fp32 at the scale of W + dW and the merged model runs other kernels than the
+#: unmerged one: a few ulp per term of the tiny models' reductions (tests/numerics.py; 1.2e-4, the reference's own
+#: merge tolerance is 1e-4), absolute and relative to the largest compared value
+TOL_MERGE = RTOL_MERGE = fp_tol(torch.float32, TINY_MODEL_REDUCTION)["atol"]
 #: task types whose head the reference adds to ``modules_to_save``
 HEAD_TASKS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",)}
 

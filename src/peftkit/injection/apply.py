@@ -12,7 +12,7 @@ from torch import nn
 
 from ..config import PeftConfig
 from ..layers.base import AdapterLayer
-from ..layers.modules_to_save import ModulesToSaveWrapper
+from ..layers.modules_to_save import ModulesToSaveWrapper, check_module_to_save
 from ..registry import MethodSpec
 from .plan import InjectionPlan
 
@@ -51,17 +51,57 @@ def adopt(target: torch.Tensor, value: torch.Tensor) -> None:
     torch.utils.swap_tensors(target, new)
 
 
+#: True inside :func:`adapters_on_meta`
+_META: ContextVar[bool] = ContextVar("peftkit_meta_adapters", default=False)
+#: attribute of a meta adapter tensor left by :func:`adapters_on_meta`: the device it belongs on
+_HOME = "_peftkit_home_device"
+
+
+@contextmanager
+def adapters_on_meta() -> Iterator[None]:
+    """While active (``low_cpu_mem_usage=True``, as the reference's ``init_empty_weights``), the adapter tensors of
+    new adapter layers are left on the meta device: no memory, no initialisation. They stay there until a load
+    (``set_peft_model_state_dict``) gives them the checkpoint's tensors, on the device of the layer they adapt.
+    Inside :func:`weights_follow` that context's rules win (tensors a checkpoint lacks become zeros on exit)."""
+    token = _META.set(True)
+    try:
+        yield
+    finally:
+        _META.reset(token)
+
+
+def meta_adapters_requested() -> bool:
+    """True inside :func:`adapters_on_meta`."""
+    return _META.get()
+
+
+def move_to_meta(tensors: Iterable[torch.Tensor]) -> None:
+    """Replace each (non-meta) tensor's storage by a meta one of the same shape and dtype, remembering its device
+    for the load (:func:`mark_loaded`); for layers that create their tensors for real (the non-LoRA methods)."""
+    for tensor in tensors:
+        if not tensor.is_meta:
+            device = tensor.device
+            adopt(tensor, torch.empty_like(tensor, device="meta"))
+            setattr(tensor, _HOME, device)
+
+
 def skip_random_init() -> bool:
-    """True inside :func:`weights_follow`: adapter tensors will be overwritten by loaded weights."""
-    return _PENDING.get() is not None
+    """True inside :func:`weights_follow` or :func:`adapters_on_meta`: adapter tensors will be overwritten by loaded
+    weights."""
+    return _PENDING.get() is not None or _META.get()
 
 
 def defer_init(tensors: Iterable[torch.Tensor], device: torch.device | None = None) -> None:
-    """Record unfilled adapter tensors inside :func:`weights_follow` (zeroed on exit unless loaded). Meta tensors
-    need the ``device`` they belong on."""
+    """Record unfilled adapter tensors inside :func:`weights_follow` (zeroed on exit unless loaded), or, inside
+    :func:`adapters_on_meta`, leave them unfilled. Meta tensors need the ``device`` they belong on."""
     pending = _PENDING.get()
     if pending is None:
-        raise RuntimeError("defer_init() outside weights_follow(): adapter tensors would stay uninitialised")
+        if not _META.get():
+            raise RuntimeError("defer_init() outside weights_follow(): adapter tensors would stay uninitialised")
+        for tensor in tensors:
+            if tensor.is_meta and device is not None:
+                setattr(tensor, _HOME, device)
+        return
     for tensor in tensors:
         if tensor.numel() and (device is not None or not tensor.is_meta):
             pending[id(tensor)] = (tensor, device if device is not None else tensor.device)
@@ -69,12 +109,12 @@ def defer_init(tensors: Iterable[torch.Tensor], device: torch.device | None = No
 
 def mark_loaded(tensor: torch.Tensor) -> torch.device | None:
     """Tell :func:`weights_follow` that ``tensor`` (an adapter parameter) is being fully written; returns the device a
-    deferred tensor belongs on (None when ``tensor`` was not deferred)."""
+    deferred or meta adapter tensor belongs on (None when ``tensor`` was neither)."""
     pending = _PENDING.get()
-    if not pending:
-        return None
-    entry = pending.pop(id(tensor), None)
-    return None if entry is None else entry[1]
+    entry = pending.pop(id(tensor), None) if pending else None
+    if entry is not None:
+        return entry[1]
+    return getattr(tensor, _HOME, None) if tensor.is_meta else None
 
 
 @dataclass
@@ -118,6 +158,8 @@ def apply_plan(
             dtype = adapter_dtype(base, autocast_adapter_dtype)
             new = method.create_layer(module, layer.options, config, plan.adapter_name, dtype)
             applied.touched.append(layer.name)
+            if _META.get() and _PENDING.get() is None and isinstance(new, AdapterLayer):
+                move_to_meta(new.adapter_parameters(plan.adapter_name))  # LoRA left them there already
             if not base.training:
                 # new modules start in training mode: an adapter injected into an eval-mode model would apply its
                 # dropout at inference (the reference does; PEFT issue #3753). The new internals follow the base.
@@ -127,6 +169,8 @@ def apply_plan(
                 applied.replaced[layer.name] = module
         for name in plan.modules_to_save:
             module = model.get_submodule(name)
+            if not isinstance(module, ModulesToSaveWrapper):
+                check_module_to_save(module, name)
             applied.touched.append(name)
             if isinstance(module, ModulesToSaveWrapper):
                 module.update(plan.adapter_name)

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from ..config import PeftConfig
-from ..errors import NoMatchingPeftModuleError, PeftWarning, closest_names
+from ..errors import NoMatchingPeftModuleError, PeftRuntimeWarning, PeftWarning, closest_names
 from ..layers.base import AdapterLayer
 from ..layers.dispatch import is_linear_like
 from ..layers.modules_to_save import ModulesToSaveWrapper
@@ -92,6 +92,7 @@ def plan_injection(
     targets = _resolve_targets(model, config, modules, method)
     save_entries = list(dict.fromkeys([*(getattr(config, "modules_to_save", None) or []), *task_heads]))
     layers, excluded, other_layers = [], 0, 0
+    planned: list[tuple[str, nn.Module]] = []
     for name, module in modules:
         if not matches(targets, name):
             continue
@@ -104,10 +105,16 @@ def plan_injection(
             other_layers += 1
             continue
         layers.append(LayerPlan(name, method.layer_options(name, module, config)))
+        planned.append((name, module))
     if not layers:
         _raise_no_match(targets, config, modules, excluded, other_layers)
     _warn_unused_patterns(config, [layer.name for layer in layers], method.pattern_fields)
+    _warn_unused_excludes(config, [name for name, _ in modules])
+    _warn_fan_in_fan_out(config, layers)
+    if method.check_plan is not None:
+        method.check_plan(config, planned)
     saved = _resolve_modules_to_save(modules, save_entries, task_heads)
+    _warn_tied_embeddings(model, planned, [(n, m) for n, m in modules if n in saved])
     return InjectionPlan(
         adapter_name=adapter_name,
         layers=tuple(layers),
@@ -180,7 +187,29 @@ def _resolve_modules_to_save(
             )
         chosen.extend(h for h in hits if h not in chosen)
     # keep outermost matches only: a module inside another saved module is saved with it
-    return [c for c in chosen if not any(c.startswith(o + ".") for o in chosen if o != c)]
+    chosen = [c for c in chosen if not any(c.startswith(o + ".") for o in chosen if o != c)]
+    _warn_suffix_only(suffix_only_modules_to_save([n for n, _ in modules], entries, chosen), entries)
+    return chosen
+
+
+def suffix_only_modules_to_save(names: Sequence[str], entries: Sequence[str], chosen: Sequence[str]) -> list[str]:
+    """The modules among ``names`` that the reference's plain-suffix rule (``name.endswith(entry)``, so
+    ``"classifier"`` also selects DistilBERT's ``pre_classifier``) wraps for ``modules_to_save`` ``entries`` but
+    peftkit's dot-boundary rule does not (``chosen`` are peftkit's picks); none inside a chosen module."""
+    return [
+        n for n in names
+        if n not in chosen and any(n.endswith(e) for e in entries)
+        and not any(n.startswith(c + ".") for c in chosen)
+    ]
+
+
+def _warn_suffix_only(extra: list[str], entries: Sequence[str]) -> None:
+    if extra:
+        warnings.warn(
+            f"modules_to_save {list(entries)} matches {extra} only by plain suffix: 🤗 PEFT wraps (and trains and "
+            "saves) those too, peftkit wraps only names equal to an entry or ending with '.' + entry. Name them in "
+            "modules_to_save to train them; adapter files from PEFT that hold their weights still load (peftkit "
+            "wraps them at load time)", PeftWarning, stacklevel=5)
 
 
 def _raise_no_match(
@@ -212,8 +241,69 @@ def _warn_unused_patterns(config: PeftConfig, names: list[str], fields: tuple[st
         patterns = getattr(config, field_name, None) or {}
         for key in patterns:
             if not any(matches(rf"(.*\.)?({key})", n) for n in names):
-                warnings.warn(f"{field_name} key {key!r} matched none of the targeted modules", PeftWarning,
-                              stacklevel=4)
+                warnings.warn(f"{field_name} key {key!r} matched none of the targeted modules and is ignored; "
+                              "check the key (a regex matched against the end of the module names)",
+                              PeftRuntimeWarning, stacklevel=4)
+
+
+def _warn_unused_excludes(config: PeftConfig, names: list[str]) -> None:
+    """Warn about ``exclude_modules`` entries (or the regex) that match no module of the model (reference:
+    ``BaseTuner.inject_adapter``, which warns when nothing at all was excluded)."""
+    exclude = getattr(config, "exclude_modules", None)
+    if not exclude:
+        return
+    entries = [exclude] if isinstance(exclude, str) else sorted(exclude)
+    unused = [e for e in entries if not any(matches(e if isinstance(exclude, str) else [e], n) for n in names)]
+    if unused:
+        close = list(dict.fromkeys(hit for e in unused for hit in closest_names(e, names)))
+        warnings.warn(f"exclude_modules entries {unused} matched no module of the model, so they exclude nothing; "
+                      f"closest names: {', '.join(close) or '-'}. Check exclude_modules.", PeftWarning, stacklevel=4)
+
+
+def _warn_fan_in_fan_out(config: PeftConfig, layers: list[LayerPlan]) -> None:
+    """``fan_in_fan_out=True`` on layers that store their weight ``(out, in)`` (``nn.Linear``): the reference warns
+    and resets it; peftkit detects the layout per layer (the plan's ``fan_in_fan_out``) and warns that the value is
+    ignored. ``False`` on transformers' ``Conv1D`` is not warned about: the detection makes it right."""
+    if getattr(config, "fan_in_fan_out", False) is not True:
+        return
+    plain = [lp.name for lp in layers if lp.options.get("fan_in_fan_out") is False]
+    if plain:
+        more = " ..." if len(plain) > 5 else ""
+        warnings.warn(f"fan_in_fan_out=True is set but the targeted modules {plain[:5]}{more}"
+                      " store their weight as (out, in) (torch.nn.Linear); it is ignored for them (peftkit detects "
+                      "transformers' Conv1D by itself). Leave fan_in_fan_out at False.", PeftWarning, stacklevel=4)
+
+
+def _tied_embeddings(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(input embeddings, output embeddings)`` when the model ties their weights, else None."""
+    try:
+        get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+        emb_in = get_in() if callable(get_in) else None
+        emb_out = get_out() if callable(get_out) else None
+    except (NotImplementedError, AttributeError):  # models without embeddings (vision, audio) raise
+        return None
+    w_in, w_out = getattr(emb_in, "weight", None), getattr(emb_out, "weight", None)
+    if isinstance(w_in, nn.Parameter) and w_in is w_out:
+        return emb_in, emb_out
+    return None
+
+
+def _warn_tied_embeddings(
+    model: nn.Module, planned: list[tuple[str, nn.Module]], saved: list[tuple[str, nn.Module]]
+) -> None:
+    """Warn when the model ties its input and output embeddings and the adapter targets (or saves a copy of) one of
+    them (reference: ``BaseTuner._check_tied_modules``): the two stop being one weight for the adapter."""
+    tied = _tied_embeddings(model)
+    if tied is None:
+        return
+    hits = [name for name, module in [*planned, *saved]
+            if any(module is t or getattr(module, "base_layer", None) is t for t in tied)]
+    if hits:
+        warnings.warn(f"the model ties its input and output embeddings (tie_word_embeddings=True) and the adapter "
+                      f"targets {hits}: the adapter applies to one of the tied modules only, which can surprise when "
+                      "merging or converting to other formats. Load the model with tie_word_embeddings=False (and "
+                      "copy the embedding weight into the output head) to untie them first.", PeftWarning,
+                      stacklevel=4)
 
 
 def _show(value: object) -> str:

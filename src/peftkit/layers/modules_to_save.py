@@ -9,7 +9,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import AdapterState
+from ..errors import AdapterConflictError, UnsupportedModuleError
+from .base import AdapterLayer, AdapterState
+
+#: containers whose ``forward`` cannot be called: a copy of one could never run in place of the original
+_FORBIDDEN = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
+
+
+def check_module_to_save(module: nn.Module, path: str = "") -> None:
+    """Raise :class:`UnsupportedModuleError` (a ``TypeError``, as in the reference) when ``module`` cannot be a
+    ``modules_to_save`` entry: a container without a forward (``ModuleDict``, ``ModuleList``, ``ParameterDict``,
+    ``ParameterList``) or an adapter layer."""
+    if isinstance(module, (*_FORBIDDEN, AdapterLayer)):
+        where = f" {path!r}" if path else ""
+        raise UnsupportedModuleError(
+            f"modules_to_save cannot be applied to modules of type {type(module)} (module{where}): a container "
+            "has no forward to run and an adapter layer is adapted already; name the modules inside it instead, "
+            "e.g. the entries of the container"
+        )
 
 
 class ModulesToSaveWrapper(AdapterState, nn.Module):
@@ -20,6 +37,7 @@ class ModulesToSaveWrapper(AdapterState, nn.Module):
     """
 
     def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+        check_module_to_save(module_to_save)
         super().__init__()
         self.original_module = module_to_save
         self.modules_to_save = nn.ModuleDict({})
@@ -42,10 +60,29 @@ class ModulesToSaveWrapper(AdapterState, nn.Module):
     def has_adapter(self, name: str) -> bool:
         return name in self.modules_to_save
 
+    def check_set_adapter(self, adapter_names: Iterable[str], path: str = "") -> list[str]:
+        """The names among ``adapter_names`` that hold a copy here (at most one).
+
+        Raises :class:`AdapterConflictError` (a ``ValueError``, as the reference raises) when several do: only one
+        copy of a module can run, and silently picking one would train or evaluate the wrong weights.
+        """
+        held = [name for name in adapter_names if name in self.modules_to_save]
+        if len(held) > 1:
+            where = f"module {path!r}" if path else type(self.original_module).__name__
+            raise AdapterConflictError(
+                f"Only one adapter can be set at a time for modules_to_save {where}, got {len(held)}: adapters "
+                f"{held} each hold a copy of it; activate at most one of them together with other adapters"
+            )
+        return held
+
     def set_adapter(self, adapter_names: str | Iterable[str], trainable: dict[str, bool] | None = None) -> None:
-        """Activate ``adapter_names``; copies of active adapters train unless ``trainable`` says otherwise."""
+        """Activate ``adapter_names``; copies of active adapters train unless ``trainable`` says otherwise.
+
+        ``active_adapters`` then lists only the adapter that holds a copy here (none: the original runs).
+        Raises :class:`AdapterConflictError` when several of ``adapter_names`` hold a copy.
+        """
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        self._active_adapter = names
+        self._active_adapter = self.check_set_adapter(names)
         self.original_module.requires_grad_(False)
         for name, module in self.modules_to_save.items():
             module.requires_grad_(bool((trainable or {}).get(name, True)) and name in names)
@@ -63,10 +100,8 @@ class ModulesToSaveWrapper(AdapterState, nn.Module):
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name in self.modules_to_save:
             del self.modules_to_save[adapter_name]
-        if adapter_name in self._active_adapter:
-            self._active_adapter = [a for a in self._active_adapter if a != adapter_name] or sorted(
-                self.modules_to_save.keys()
-            )[:1]
+        # the caller (the tuner) activates the model's new active adapters on every module afterwards
+        self._active_adapter = [a for a in self._active_adapter if a != adapter_name]
 
     def adapter_state(self, adapter_name: str) -> dict[str, tuple[str, torch.Tensor]]:
         """``{saved key: (in-memory key, tensor)}``: the copy's state under the original module's names."""

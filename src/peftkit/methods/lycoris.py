@@ -52,7 +52,8 @@ def validate_lycoris_config(config: Any) -> None:
           "layers_to_transform", ltt, "allowed: None, an int or a list of ints")
     check(not (isinstance(config.target_modules, str) and ltt is not None), "layers_to_transform", ltt,
           "layers_to_transform cannot be used when target_modules is a str; use a list of module names")
-    check(not (config.layers_pattern is not None and ltt is None), "layers_pattern", config.layers_pattern,
+    # as the reference: an empty layers_pattern ([] or "") means none, and is allowed without layers_to_transform
+    check(not (config.layers_pattern and ltt is None), "layers_pattern", config.layers_pattern,
           "layers_pattern is only allowed together with layers_to_transform")
     for key, rank in config.rank_pattern.items():
         check(is_int(rank) and rank >= 1, f"rank_pattern[{key!r}]", rank, "allowed: an int >= 1")
@@ -112,6 +113,10 @@ class LycorisLayer(AdapterLayer):
         self.rank_dropout: dict[str, float] = {}
         self.rank_dropout_scale: dict[str, bool] = {}
         self.module_dropout: dict[str, float] = {}
+        # as the reference: Linear in/out_features, conv in/out_channels (not divided by groups)
+        base = self.get_base_layer()
+        self.in_features: int | None = getattr(base, "in_features", getattr(base, "in_channels", None))
+        self.out_features: int | None = getattr(base, "out_features", getattr(base, "out_channels", None))
         for attr in self.adapter_layer_names:  # one ParameterDict per factor, keyed by adapter name
             setattr(self, attr, nn.ParameterDict({}))
 
@@ -150,8 +155,11 @@ class LycorisLayer(AdapterLayer):
         """Dense ``ΔW`` of ``adapter_name`` (base weight shape ``(out, in)`` or ``(out, in, *kernel)``)."""
         return self._delta(adapter_name)
 
-    def _apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """``x`` through the base layer's operation with weight ``weight`` and no bias."""
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``x`` through the base layer's operation with weight ``weight`` and no bias.
+
+        Not named ``_apply``: that would shadow ``nn.Module._apply``, which ``.to()``/``.half()``/``.cuda()`` call.
+        ``x: (..., in)`` (Linear) or ``(B, C_in, *spatial)`` (conv); ``weight`` the base weight's shape."""
         base = self.get_base_layer()
         x = x.to(weight.dtype)
         if isinstance(base, nn.Linear):
@@ -168,12 +176,18 @@ class LycorisLayer(AdapterLayer):
             plan = self.row_plan(x.shape[0])
             for u, name in enumerate(plan.present):  # one gather per adapter present in the batch
                 rows = (plan.index == u).nonzero().squeeze(1)
-                delta = self._apply(x.index_select(0, rows), self._delta(name))
+                delta = self._apply_weight(x.index_select(0, rows), self._delta(name))
                 result = result.index_add(0, rows, delta.to(result.dtype))
             return result
         for name in self._forward_adapters:
-            if self.training and not bool(torch.rand(1) > self.module_dropout[name]):
-                continue
+            keep = None  # module dropout: the whole adapter is skipped with probability module_dropout (training)
+            if self.training:
+                keep = torch.rand(1) > self.module_dropout[name]  # drawn as the reference does (same RNG stream)
+                if not torch.compiler.is_compiling() and not bool(keep):
+                    continue
             apply_rank_dropout = self.training and bool(self.rank_dropout[name])
-            result = result + self._apply(x, self._delta(name, apply_rank_dropout))
+            delta = self._apply_weight(x, self._delta(name, apply_rank_dropout))
+            if keep is not None and torch.compiler.is_compiling():  # no data-dependent branch: a 0/1 factor
+                delta = delta * keep.to(device=delta.device, dtype=delta.dtype)
+            result = result + delta
         return result.to(previous_dtype)

@@ -10,6 +10,10 @@ Why a fast path: ``nn.Dropout`` followed by ``lora_A`` keeps, per adapted module
 saves anyway: the same tensor, no copy) and a 1-byte mask, and recomputes ``x * mask`` in backward. The update is
 then accumulated into the base output with one ``addmm_`` (no output-sized temporaries), in the compute dtype of
 the reference (the adapter's dtype, or the autocast dtype under autocast).
+
+Under ``torch.compile`` (:func:`compiling`) every entry point here steps aside for the plain reference
+(:func:`lora_update_reference`): the autograd functions, the scratch buffers and the 16-bit mask draw are eager
+optimisations that dynamo cannot trace into one graph, while it fuses the plain ops itself.
 """
 
 from __future__ import annotations
@@ -21,6 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from .lowrank import can_update_inplace
+
+#: ``torch.compiler.is_compiling``: True while dynamo traces (a constant in the traced code), else a flag read
+compiling = torch.compiler.is_compiling
 
 #: the keep-mask is drawn as 16-bit uniform integers (four per 64-bit draw): ``p`` is rounded to this grid
 MASK_LEVELS = 1 << 16
@@ -217,8 +224,10 @@ def add_lora_(
     With ``inplace`` (the caller says no autograd node saved ``result``) and a writable ``result`` in the compute
     dtype, the update goes into ``result`` with one ``addmm_`` and ``result`` itself is returned; otherwise the sum
     is built out of place (still without the dropped copy of ``x``). ``mask``: the keep-mask (shape of ``x``) for
-    ``p > 0``; drawn when None.
+    ``p > 0``; drawn when None. Under ``torch.compile``: :func:`lora_update_reference` (out of place).
     """
+    if compiling():
+        return lora_update_reference(result, x, A, B, scaling, bias_B, p, mask)
     dtype = compute_dtype(x, A)
     x2d = x.reshape(-1, x.shape[-1])
     if x2d.dtype != dtype:
@@ -345,7 +354,10 @@ def linear_lora(
     :class:`_LinearLoRA`: equals :func:`lora_update_reference` applied to ``F.linear(x, W, b)``. For training a
     frozen ``nn.Linear`` base (``W`` must not require grad) with all tensors in one dtype, outside autocast.
     ``mask``: the keep-mask (shape of ``x``) for ``p > 0``; drawn when None (keep probability ``1 - p`` rounded to
-    ``1 / 65536``, kept values scaled by its exact inverse)."""
+    ``1 / 65536``, kept values scaled by its exact inverse). Under ``torch.compile``: the plain
+    :func:`lora_update_reference` of ``F.linear(x, W, b)``."""
+    if compiling():
+        return lora_update_reference(F.linear(x, W, b), x, A, B, scaling, None, p, mask)
     x2d = x.reshape(-1, x.shape[-1])
     keep_scale = 1.0
     if p > 0:
@@ -374,8 +386,10 @@ def dora_add_(
     ``f = magnitude / norm`` (``(out,)``), which equals ``result + (f - 1) * (result - bias) + f * lora`` of
     :func:`peftkit.methods.lora.dora.dora_update`. The low-rank update and the bias removal go into ``result``
     (the base output, which no autograd node saved) in place, so the only new output-sized tensor is the
-    returned one. Returns None (nothing written) when ``result`` is not writable in the compute dtype or
-    ``scaling`` is a tensor."""
+    returned one. Returns None (nothing written) when ``result`` is not writable in the compute dtype,
+    ``scaling`` is a tensor, or under ``torch.compile`` (the caller's plain formula traces better)."""
+    if compiling():
+        return None
     dtype = compute_dtype(x, A)
     if not can_update_inplace(result, dtype) or isinstance(scaling, torch.Tensor):
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -46,50 +47,140 @@ def adapter_tensor_map(model: nn.Module, adapter_name: str) -> TensorMap:
     its in-memory key is None when the tensor is computed by an encoder head, which cannot be loaded into).
     A module with a ``checkpoint_transparent_child`` (the prompt tuner) saves its descendants without that child's
     name (``base_model.score.weight`` instead of ``base_model.model.score.weight``, as the reference does).
+    Checkpoint keys never contain the path segments of FSDP1 / activation-checkpoint wrappers (see
+    :func:`checkpoint_modules`); in-memory keys are the real paths.
     """
+    return {saved: (mem, tensor) for saved, mem, _, tensor in _adapter_entries(model, adapter_name)}
+
+
+#: ``(checkpoint key, in-memory key, in-memory key without wrapper segments, tensor)``
+_Entry = tuple[str, "str | None", "str | None", torch.Tensor]
+
+
+def _adapter_entries(model: nn.Module, adapter_name: str) -> list[_Entry]:
+    """The entries of :func:`adapter_tensor_map`, each with its in-memory key also seen through wrappers (the key
+    of a full state dict gathered from an FSDP model)."""
     model = _unwrap_compiled(model)
     configs = _configs(model)
     if adapter_name not in configs:
         raise AdapterNotFoundError(adapter_name, configs)
     bias = getattr(configs[adapter_name], "bias", "none")
-    result: TensorMap = {}
+    result: dict[str, _Entry] = {}
     aliases: list[tuple[str, str]] = []
-    for path, module in walk_modules(model, (PromptEncoderDict, AdapterLayer, ModulesToSaveWrapper)):
-        child = getattr(type(module), "checkpoint_transparent_child", None)
-        if child is not None:
-            aliases.append((f"{path}.{child}." if path else f"{child}.", f"{path}." if path else ""))
+    for path, clean, saved_path, module in _prefixed_modules(model, aliases):
         if isinstance(module, PromptEncoderDict):
             for saved, (mem, tensor) in module.adapter_state(adapter_name).items():
-                result[saved] = (None if mem is None else f"{path}.{mem}", tensor)  # type: ignore[assignment]
+                result[saved] = _entry(saved, path, clean, mem, tensor)
         elif isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
-            saved_path = _alias(path + ".", aliases)
             for saved, (mem, tensor) in module.adapter_state(adapter_name).items():
-                result[f"{saved_path}{saved}"] = (f"{path}.{mem}", tensor)
-            if bias == "lora_only" and isinstance(module, AdapterLayer) and module.has_adapter(adapter_name):
-                base_bias = getattr(module.get_base_layer(), "bias", None)
-                if base_bias is not None:
-                    key = f"{path}.{_base_layer_path(module)}.bias"
-                    result[key] = (key, base_bias)
-    if bias == "all":
-        taken = {m for m, _ in result.values()}
-        for name, param in model.named_parameters():
-            if name.endswith(".bias") and name not in taken and _outside_internals(name):
-                result[name] = (name, param)
-    return result
+                result[saved_path + saved] = _entry(saved_path + saved, path, clean, mem, tensor)
+    if bias == "all" or (bias != "none" and bias.endswith("_only")):
+        for path, clean, name, tensor in _bias_entries(model, only_adapted=bias != "all", adapter_name=adapter_name):
+            key = _alias(_join(clean, name), aliases)
+            result.setdefault(key, _entry(key, path, clean, name, tensor))
+    return list(result.values())
 
 
-#: path segments that FSDP1 and torch's activation-checkpoint wrappers insert; never part of a checkpoint key
-_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+def _prefixed_modules(
+    model: nn.Module, aliases: list[tuple[str, str]]
+) -> Iterator[tuple[str, str, str, nn.Module]]:
+    """:func:`checkpoint_modules` with each module's checkpoint key prefix (``"classifier."``; ``""`` for the root):
+    a module with a ``checkpoint_transparent_child`` saves its descendants without that child's name. ``aliases``
+    collects ``(checkpoint prefix, saved prefix)`` pairs on the way, for keys built after the walk."""
+    for path, clean, module in checkpoint_modules(model):
+        child = getattr(type(module), "checkpoint_transparent_child", None)
+        if child is not None:
+            aliases.append((_join(clean, child) + ".", f"{clean}." if clean else ""))
+        yield path, clean, _alias(f"{clean}." if clean else "", aliases), module
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path and name else path + name
+
+
+def _entry(saved: str, path: str, clean: str, mem: str | None, tensor: torch.Tensor) -> _Entry:
+    if mem is None:
+        return (saved, None, None, tensor)
+    return (saved, _join(path, mem), _join(clean, mem), tensor)
+
+
+def _wrapper_child(module: nn.Module) -> str | None:
+    """The name of the child that ``module`` wraps when it is an FSDP1 unit or an activation-checkpoint wrapper
+    (``_fsdp_wrapped_module`` / ``_checkpoint_wrapped_module``): a path segment that no checkpoint key contains.
+    Found by type, never by looking at names; the wrapper classes are only looked up when torch loaded them."""
+    import sys
+
+    fsdp = sys.modules.get("torch.distributed.fsdp.fully_sharded_data_parallel")
+    if fsdp is not None and isinstance(module, fsdp.FullyShardedDataParallel):
+        return "_fsdp_wrapped_module"
+    ckpt = sys.modules.get("torch.distributed.algorithms._checkpoint.checkpoint_wrapper")
+    if ckpt is not None and isinstance(module, ckpt.ActivationWrapper):
+        return "_checkpoint_wrapped_module"
+    return None
+
+
+def checkpoint_modules(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
+    """``(in-memory path, checkpoint path, module)`` for ``model``'s modules, in ``named_modules`` order.
+
+    The checkpoint path leaves out the child that an FSDP1 unit or activation-checkpoint wrapper wraps (the
+    unwrapped model's path, which is what ``state_dict()`` of an FSDP model and the reference's files use). Adapter
+    layers, ``modules_to_save`` wrappers and prompt encoders are yielded but not descended into.
+    """
+    leaves = (PromptEncoderDict, AdapterLayer, ModulesToSaveWrapper)
+    seen: set[int] = set()
+    stack: list[tuple[str, str, nn.Module]] = [("", "", model)]
+    while stack:
+        path, clean, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield path, clean, module
+        if isinstance(module, leaves):
+            continue
+        wrapped = _wrapper_child(module)
+        children = [
+            (_join(path, name), clean if name == wrapped else _join(clean, name), child)
+            for name, child in module._modules.items() if child is not None
+        ]
+        stack.extend(reversed(children))
+
+
+def _bias_entries(
+    model: nn.Module, only_adapted: bool, adapter_name: str
+) -> Iterator[tuple[str, str, str, torch.Tensor]]:
+    """``(in-memory module path, checkpoint module path, parameter name, bias)`` of the biases ``bias="all"``
+    (``only_adapted=False``) or ``bias="<method>_only"`` selects: the base layers' biases of the adapter layers
+    holding ``adapter_name`` (``q_proj.base_layer.bias``), and for ``"all"`` also every other module's bias outside
+    adapter internals (``lora_B``'s bias, ``modules_to_save`` copies and prompt encoders are not base biases)."""
+    for path, clean, module in checkpoint_modules(model):
+        if isinstance(module, AdapterLayer):
+            if only_adapted and not module.has_adapter(adapter_name):
+                continue
+            base_path = _base_layer_path(module)
+            base = module.get_base_layer()
+            for sub_path, sub_clean, sub in checkpoint_modules(base):
+                bias = sub._parameters.get("bias")
+                if bias is not None:
+                    yield _join(_join(path, base_path), sub_path), _join(_join(clean, base_path), sub_clean), "bias", bias
+        elif not only_adapted and not isinstance(module, (PromptEncoderDict, ModulesToSaveWrapper)):
+            bias = module._parameters.get("bias")
+            if bias is not None:
+                yield path, clean, "bias", bias
+
+
+def _base_bias_map(model: nn.Module, adapter_name: str) -> TensorMap:
+    """``{checkpoint key without base_model.model.: (in-memory key, bias)}`` of every base bias (``bias="all"``)."""
+    out: TensorMap = {}
+    for path, clean, name, tensor in _bias_entries(model, only_adapted=False, adapter_name=adapter_name):
+        out[_strip(_join(clean, name))] = (_join(path, name), tensor)
+    return out
 
 
 def _alias(path: str, aliases: list[tuple[str, str]]) -> str:
-    """The checkpoint path of the module at ``path`` (aliases applied, wrapper segments removed)."""
+    """The checkpoint path of the module at checkpoint path ``path`` (a transparent child's name removed)."""
     for mem_prefix, saved_prefix in aliases:
         if path.startswith(mem_prefix):
-            path = saved_prefix + path[len(mem_prefix):]
-            break
-    for segment in _WRAPPER_SEGMENTS:
-        path = path.replace(segment, "")
+            return saved_prefix + path[len(mem_prefix):]
     return path
 
 
@@ -102,47 +193,60 @@ def _base_layer_path(layer: AdapterLayer) -> str:
     return ".".join(parts)
 
 
-_INTERNAL = re.compile(r"(^|\.)(lora_[A-Za-z_]+|modules_to_save|original_module)(\.|$)")
-
-
-def _outside_internals(name: str) -> bool:
-    return _INTERNAL.search(name.rsplit(".", 1)[0]) is None
-
-
 def embedding_tensor_map(model: nn.Module) -> TensorMap:
-    """The full input and output embedding matrices (saved when the vocabulary was resized)."""
+    """``{checkpoint key: (in-memory key, weight)}`` of the full input and output embedding matrices (saved when
+    the vocabulary was resized), under the reference's keys (``embed_tokens.weight``, or
+    ``embed_tokens.base_layer.weight`` when the embedding is adapted).
+
+    The embeddings are the modules ``get_input_embeddings()`` / ``get_output_embeddings()`` return, found by
+    identity (never by name, so a sibling such as ``embed_tokens_extra`` is not one); an output embedding that
+    shares its weight with the input one is left out. A model without those methods, or whose methods raise
+    (transformers 5's ConvNeXt, Wav2Vec2, CLIP), contributes its adapted ``nn.Embedding`` layers.
+    """
     model = _unwrap_compiled(model)
+    wanted = embedding_modules(model)
     result: TensorMap = {}
-    for name, module in walk_modules(model, (AdapterLayer, ModulesToSaveWrapper)):
-        target = module.get_base_layer() if isinstance(module, AdapterLayer) else module
-        if not isinstance(target, nn.Embedding) or any(n in name for n in ("modules_to_save", "original_module")):
+    for path, _, saved, module in _prefixed_modules(model, []):
+        if isinstance(module, (ModulesToSaveWrapper, PromptEncoderDict)):
+            continue  # a copy in modules_to_save is saved with the adapter; internals are never embeddings
+        adapted = isinstance(module, AdapterLayer)
+        target = module.get_base_layer() if adapted else module
+        if wanted:
+            hit = any(w is module or w is target for w in wanted)
+        else:
+            hit = adapted and isinstance(target, nn.Embedding)
+        weight = getattr(target, "weight", None)
+        if not hit or not isinstance(weight, torch.Tensor) or any(weight is t for _, t in result.values()):
             continue
-        key = f"{name}.{_base_layer_path(module)}.weight" if isinstance(module, AdapterLayer) else f"{name}.weight"
-        result[key] = (key, target.weight)
-    result.update(_output_embedding_map(model, result))
+        suffix = f"{_base_layer_path(module)}.weight" if adapted else "weight"  # type: ignore[arg-type]
+        result[saved + suffix] = (_join(path, suffix), weight)
     return result
 
 
-def _output_embedding_map(model: nn.Module, inputs: TensorMap) -> TensorMap:
-    """The untied output embedding (``lm_head``, an ``nn.Linear`` resized with the vocabulary), as the reference saves
-    it; nothing when the model has none or it shares its weight with an input embedding."""
-    get_output = getattr(model, "get_output_embeddings", None)
+def embedding_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules ``model.get_input_embeddings()`` and ``model.get_output_embeddings()`` return (adapter layers
+    and ``modules_to_save`` wrappers included, as attribute lookups return them); a method that is missing, returns
+    None or raises (``NotImplementedError`` in transformers 5 for models without token embeddings) adds nothing."""
+    found: list[nn.Module] = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = _embedding(model, getter)
+        if module is not None and all(module is not m for m in found):
+            found.append(module)
+    return found
+
+
+def input_embedding(model: nn.Module) -> nn.Module | None:
+    """``model.get_input_embeddings()``, or None when the method is missing, returns None or raises."""
+    return _embedding(model, "get_input_embeddings")
+
+
+def _embedding(model: nn.Module, getter: str) -> nn.Module | None:
+    method = getattr(model, getter, None)
     try:
-        output = get_output() if callable(get_output) else None
-    except (AttributeError, NotImplementedError):
-        output = None
-    if output is None:
-        return {}
-    for name, module in model.named_modules():
-        if module is not output or any(n in name for n in ("modules_to_save", "original_module")):
-            continue
-        target = module.get_base_layer() if isinstance(module, AdapterLayer) else module
-        weight = getattr(target, "weight", None)
-        if not isinstance(weight, torch.Tensor) or any(weight is t for _, t in inputs.values()):
-            return {}
-        key = f"{name}.{_base_layer_path(module)}.weight" if isinstance(module, AdapterLayer) else f"{name}.weight"
-        return {key: (key, weight)}
-    return {}
+        module = method() if callable(method) else None
+    except (AttributeError, NotImplementedError):  # transformers 5: "not auto-handled for ConvNextModel"
+        return None
+    return module if isinstance(module, nn.Module) else None
 
 
 def get_peft_model_state_dict(
@@ -159,16 +263,34 @@ def get_peft_model_state_dict(
     ``save_embedding_layers=True`` also stores the full embedding matrices (``"auto"``: see
     :func:`should_save_embeddings`).
     """
-    mapping = adapter_tensor_map(model, adapter_name)
+    entries = _adapter_entries(model, adapter_name) + _suffix_only_entries(_unwrap_compiled(model), adapter_name)
     if save_embedding_layers is True:
-        mapping.update(embedding_tensor_map(model))
+        embeddings = embedding_tensor_map(model)
+        if not embeddings:
+            warnings.warn(f"save_embedding_layers=True, but {type(_unwrap_compiled(model)).__name__} has no "
+                          "identifiable embedding layer (get_input_embeddings()/get_output_embeddings() are missing, "
+                          "return None or raise, and no nn.Embedding is adapted); saving the adapter without "
+                          "embeddings", PeftWarning, stacklevel=2)
+        entries += [(saved, mem, mem, tensor) for saved, (mem, tensor) in embeddings.items()]
     out: dict[str, torch.Tensor] = {}
-    for saved, (mem, tensor) in mapping.items():
-        value = state_dict.get(mem, tensor) if state_dict is not None else tensor
-        out[saved] = value.detach()
+    for saved, mem, clean_mem, tensor in entries:
+        out[saved] = _lookup(state_dict, mem, clean_mem, tensor).detach()
     config = _configs(_unwrap_compiled(model))[adapter_name]
     export = get_method(config.peft_type).export_state
     return out if export is None else export(_unwrap_compiled(model), config, adapter_name, out)
+
+
+def _lookup(
+    state_dict: dict[str, torch.Tensor] | None, mem: str | None, clean_mem: str | None, tensor: torch.Tensor
+) -> torch.Tensor:
+    """The value of a tensor in a caller's ``state_dict`` (keyed by the in-memory path, or, for a state dict
+    gathered from an FSDP model, by the path without wrapper segments), else the model's own ``tensor``."""
+    if state_dict is None:
+        return tensor
+    for key in (mem, clean_mem):
+        if key is not None and key in state_dict:
+            return state_dict[key]
+    return tensor
 
 
 def _strip(key: str) -> str:
@@ -199,6 +321,142 @@ def set_peft_model_state_dict(
 ) -> _IncompatibleKeys:
     """Load checkpoint tensors into adapter ``adapter_name``; returns ``(missing_keys, unexpected_keys)``.
 
+    See :func:`_load_state_dict` for the rules. In addition, a module that the reference's plain-suffix
+    ``modules_to_save`` rule wraps and peftkit's dot-boundary rule does not (DistilBERT's ``pre_classifier`` for
+    ``"classifier"``) is wrapped for ``adapter_name`` when the checkpoint holds its weights, so that files written by
+    the reference load completely (with a warning naming the modules); a failed load unwraps it again.
+    """
+    model = _unwrap_compiled(model)
+    state, undo = _wrap_suffix_matched(model, peft_model_state_dict, adapter_name, key_mapping)
+    try:
+        return _load_state_dict(model, state, adapter_name, ignore_mismatched_sizes,
+                                low_cpu_mem_usage, key_mapping, assign)
+    except BaseException:
+        undo()
+        raise
+
+
+def _suffix_only_targets(model: nn.Module, adapter_name: str) -> list[tuple[str, str, str, nn.Module]]:
+    """``(in-memory path, checkpoint path, checkpoint key prefix, module)`` of the modules that the reference's
+    plain-suffix rule wraps for the ``modules_to_save`` of ``adapter_name`` and peftkit does not
+    (:func:`~peftkit.injection.plan.suffix_only_modules_to_save`; DistilBERT's ``pre_classifier`` for
+    ``"classifier"``), leaving out those wrapped for ``adapter_name`` since. ``module`` is the base module (a
+    wrapper's ``original_module``). Empty, after no walk, for adapters without ``modules_to_save``."""
+    from ..injection.match import matches
+    from ..injection.plan import candidate_modules, suffix_only_modules_to_save
+
+    configs = getattr(model, "peft_config", None)
+    config = configs.get(adapter_name) if isinstance(configs, dict) else None
+    entries = list(getattr(config, "modules_to_save", None) or [])
+    if not entries:
+        return []
+    names = [name for name, _ in candidate_modules(model)]
+    extra = set(suffix_only_modules_to_save(names, entries, [n for n in names if matches(entries, n)]))
+    if not extra:
+        return []
+    out = []
+    for path, clean, saved, module in _prefixed_modules(model, []):
+        if path not in extra or (isinstance(module, ModulesToSaveWrapper) and module.has_adapter(adapter_name)):
+            continue
+        out.append((path, clean, saved, module.original_module if isinstance(module, ModulesToSaveWrapper) else module))
+    return out
+
+
+def _suffix_only_entries(model: nn.Module, adapter_name: str) -> list[_Entry]:
+    """The base weights of :func:`_suffix_only_targets` under the keys the reference saves its copies with
+    (``pre_classifier.weight``): the reference requires them when it loads the file (it wraps those modules and
+    fails with a ``KeyError`` on a file without them). peftkit did not train them, so they equal the base weights,
+    which is what the reference's copy holds before training."""
+    entries: list[_Entry] = []
+    for path, clean, saved, module in _suffix_only_targets(model, adapter_name):
+        inner = "original_module." if module is not _unwrap_compiled(model).get_submodule(path) else ""
+        for key, tensor in module.state_dict(keep_vars=True).items():
+            entries.append((saved + key, _join(path, inner + key), _join(clean, inner + key), tensor))
+    return entries
+
+
+def _wrap_suffix_matched(
+    model: nn.Module, state: dict[str, torch.Tensor], adapter_name: str, key_mapping: dict[str, str] | None
+) -> tuple[dict[str, torch.Tensor], Callable[[], None]]:
+    """Prepare loading ``state`` when it holds weights of :func:`_suffix_only_targets`: weights equal to the base
+    module's (as peftkit saves them) are dropped (nothing to load); others (the reference trained them) get the
+    module wrapped for ``adapter_name`` so that they load, with a warning. Returns the state to load and a function
+    that undoes the wrapping. The new copies take the active/trainable/enabled state that ``adapter_name`` has in
+    the model's other adapter modules."""
+    from ..injection.apply import set_submodule
+
+    targets = _suffix_only_targets(model, adapter_name)
+    if not targets:
+        return state, lambda: None
+    incoming = _apply_key_mapping(list(state), key_mapping)
+    dropped: set[str] = set()
+    done: list[tuple[str, nn.Module]] = []
+    for path, _, saved, base in targets:
+        prefix = _strip(saved)
+        mine = {norm[len(prefix):]: orig for norm, orig in incoming.items() if norm.startswith(prefix)}
+        if not mine:
+            continue
+        own = base.state_dict()
+        if all(k in own and _same(own[k], state[orig]) for k, orig in mine.items()):
+            dropped.update(mine.values())
+            continue
+        module = model.get_submodule(path)
+        if isinstance(module, ModulesToSaveWrapper):
+            module.update(adapter_name)
+        else:
+            set_submodule(model, path, ModulesToSaveWrapper(module, adapter_name))
+        done.append((path, module))
+        _follow_siblings(model, model.get_submodule(path), adapter_name)
+    if done:
+        warnings.warn(
+            f"the checkpoint of adapter {adapter_name!r} holds trained weights of {[n for n, _ in done]}, which its "
+            "modules_to_save matches only by plain suffix (the rule of 🤗 PEFT, which probably wrote it); wrapped "
+            "them for this adapter so that they load", PeftWarning, stacklevel=3)
+
+    def undo() -> None:
+        for path, original in reversed(done):
+            if isinstance(original, ModulesToSaveWrapper):
+                original.delete_adapter(adapter_name)
+            else:
+                set_submodule(model, path, original)
+
+    return {k: v for k, v in state.items() if k not in dropped}, undo
+
+
+def _same(own: torch.Tensor, value: torch.Tensor) -> bool:
+    """``value`` (from a file) is exactly the module's tensor, as saved unchanged: same shape, dtype and values."""
+    return own.shape == value.shape and own.dtype == value.dtype and torch.equal(own, value.to(own.device))
+
+
+def _follow_siblings(model: nn.Module, wrapper: ModulesToSaveWrapper, adapter_name: str) -> None:
+    """Give ``wrapper``'s copy of ``adapter_name`` the state the adapter has in another adapter module of
+    ``model``: active or not, trainable or frozen, adapters enabled or disabled, training or eval mode."""
+    for _, module in walk_modules(model, (AdapterLayer, ModulesToSaveWrapper)):
+        if module is wrapper or not isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+            continue
+        if not module.has_adapter(adapter_name):
+            continue
+        trainable = {name: any(p.requires_grad for p in wrapper.adapter_parameters(name))
+                     for name in wrapper.active_adapters}
+        trainable[adapter_name] = any(p.requires_grad for p in module.adapter_parameters(adapter_name))
+        active = module.active_adapters if adapter_name in module.active_adapters else wrapper.active_adapters
+        wrapper.set_adapter(active, trainable=trainable)
+        wrapper.enable_adapters(not getattr(module, "disable_adapters", False))
+        wrapper.train(module.training)
+        return
+
+
+def _load_state_dict(
+    model: nn.Module,
+    peft_model_state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+    key_mapping: dict[str, str] | None = None,
+    assign: bool = False,
+) -> _IncompatibleKeys:
+    """Load checkpoint tensors into adapter ``adapter_name``; returns ``(missing_keys, unexpected_keys)``.
+
     Keys may carry the ``base_model.model.`` prefix or not, whatever ``model`` is. Every shape is checked before
     anything is written: a mismatch raises :class:`ShapeMismatchError` (or, with ``ignore_mismatched_sizes``, the
     tensor is skipped with a warning) and the model is left unchanged. A checkpoint none of whose keys belongs to
@@ -217,11 +475,13 @@ def set_peft_model_state_dict(
         prepare(model, config, adapter_name)
     expected = {_strip(k): v for k, v in adapter_tensor_map(model, adapter_name).items()}
     incoming = _apply_key_mapping(list(peft_model_state_dict), key_mapping)
-    # embedding matrices are looked for only when the checkpoint holds keys that are not adapter tensors
+    # embedding matrices and base biases are looked for only when the checkpoint holds keys that are not adapter
+    # tensors: like the reference, a file's bias tensors load whatever this adapter's ``bias`` setting says
     embeddings = {} if expected.keys() >= incoming.keys() else {
-        _strip(k): v for k, v in embedding_tensor_map(model).items()}
+        **_base_bias_map(model, adapter_name), **{_strip(k): v for k, v in embedding_tensor_map(model).items()}}
     plan: list[tuple[torch.Tensor, torch.Tensor]] = []
     mismatched: list[str] = []
+    skipped: set[str] = set()
     unexpected: list[str] = []
     for norm, original in incoming.items():
         target = expected.get(norm) or embeddings.get(norm)
@@ -236,6 +496,7 @@ def set_peft_model_state_dict(
             )
         if tuple(value.shape) != tuple(target[1].shape):
             mismatched.append(f"{original}: checkpoint {tuple(value.shape)} vs model {tuple(target[1].shape)}")
+            skipped.add(norm)  # reported missing, as the reference does
             continue
         plan.append((target[1], value))
     if mismatched and not ignore_mismatched_sizes:
@@ -253,7 +514,7 @@ def set_peft_model_state_dict(
             "probably made for a different model or module naming; pass key_mapping to translate its keys."
         )
     _copy(plan, assign)
-    present = set(incoming)
+    present = set(incoming) - skipped
     missing = [mem or norm for norm, (mem, _) in expected.items() if norm not in present]
     return _IncompatibleKeys(missing_keys=missing, unexpected_keys=unexpected)
 

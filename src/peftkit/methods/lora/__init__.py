@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from ...config import PeftConfig
-from ...errors import ConfigError, UnsupportedModuleError
+from ...errors import ConfigError, PeftWarning, UnsupportedModuleError
 from ...injection.match import pattern_value
 from ...layers.dispatch import CONV, EMBEDDING, HF_CONV1D, LINEAR, QUANT_LINEAR, module_kind
 from ...registry import MethodSpec, register_method
@@ -104,6 +106,24 @@ def _check_config(config: PeftConfig, model: nn.Module) -> None:
                           f"peftkit implements {list(SUPPORTED_INITS)} so far")
 
 
+def _check_plan(config: PeftConfig, planned: Sequence[tuple[str, nn.Module]]) -> None:
+    """Warn (once, naming them) about targeted layers without a bias when ``lora_bias=True``: the reference warns
+    per layer that merging is then impossible (``lora.layer.LoraLayer.update_layer``)."""
+    assert isinstance(config, LoraConfig)
+    if not config.lora_bias:
+        return
+    no_bias = [name for name, module in planned if hasattr(_base(module), "bias") and _base(module).bias is None]
+    if no_bias:
+        more = " ..." if len(no_bias) > 5 else ""
+        warnings.warn(f"lora_bias=True was passed but the targeted layers {no_bias[:5]}{more} have no bias, so the "
+                      "LoRA bias cannot be merged into them (merge_and_unload would fail). Target layers with a "
+                      "bias or set lora_bias=False.", PeftWarning, stacklevel=5)
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
+
 LORA = register_method(
     MethodSpec(
         peft_type=PeftType.LORA,
@@ -114,6 +134,7 @@ LORA = register_method(
         layer_options=_layer_options,
         default_targets=default_lora_targets,
         check_config=_check_config,
+        check_plan=_check_plan,
         identity_at_init=True,
         mergeable=True,
         example_configs=(

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ...config import PeftConfig, as_set, check, is_int, is_number
+from ...errors import PeftWarning
 from ...types import PeftType
 
 #: ``init_lora_weights`` values the reference accepts (``pissa_niter_<k>`` too).
 INIT_CHOICES = (True, False, "gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica", "lora_ga")
+#: the values the reference compares after ``.lower()`` (``"OLoRA"``, ``"Gaussian"`` work there); the others are
+#: compared as written (``"PiSSA"`` fails there too)
+CASE_INSENSITIVE_INITS = ("gaussian", "olora", "mica")
 BIAS_CHOICES = ("none", "all", "lora_only")
 
 
@@ -72,6 +77,8 @@ class LoraConfig(PeftConfig):
         if self.alpha_pattern is None:
             self.alpha_pattern = {}
         self._validate_lora()
+        _warn_rslora_patterns_with_weight_init(self)
+        _warn_ignored_init_configs(self)
 
     def _validate_lora(self) -> None:
         check(is_int(self.r) and self.r >= 1, "r", self.r, "allowed: an int >= 1")
@@ -115,13 +122,50 @@ class LoraConfig(PeftConfig):
         check(not (isinstance(self.target_modules, str) and ltt is not None), "layers_to_transform", ltt,
               "layers_to_transform cannot be used when target_modules is a str (regex or 'all-linear'); "
               "use a list of module names")
-        check(not (self.layers_pattern is not None and ltt is None), "layers_pattern", self.layers_pattern,
+        # as the reference: an empty layers_pattern ([] or "") means none, and is allowed without layers_to_transform
+        check(not (self.layers_pattern and ltt is None), "layers_pattern", self.layers_pattern,
               "layers_pattern is only allowed together with layers_to_transform")
+        check(not (isinstance(self.target_modules, str) and self.layers_pattern is not None), "layers_pattern",
+              self.layers_pattern, "layers_pattern cannot be used when target_modules is a str; use None")
+
+
+def _warn_rslora_patterns_with_weight_init(config: LoraConfig) -> None:
+    """As the reference's ``LoraConfig.__post_init__``: PiSSA/OLoRA (and CorDA/LoRA-GA) with rsLoRA and a rank or
+    alpha pattern cannot be converted back to plain LoRA by ``save_pretrained(path_initial_model_for_weight_
+    conversion=...)``; this is only known at save time, so warn now."""
+    init = config.init_lora_weights
+    weight_init = isinstance(init, str) and (init.lower().startswith("pissa") or init.lower() in (
+        "olora", "corda", "lora_ga"))
+    if weight_init and config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        warnings.warn(
+            f"init_lora_weights={init!r} with use_rslora=True and rank_pattern/alpha_pattern: save_pretrained("
+            "path_initial_model_for_weight_conversion=...) cannot convert this adapter to plain LoRA (restoring the "
+            "initial base weights). If you intend to convert it, do not combine use_rslora with "
+            "rank_pattern/alpha_pattern.", PeftWarning, stacklevel=4)
+
+
+def _warn_ignored_init_configs(config: LoraConfig) -> None:
+    """As the reference: ``loftq_config`` / ``eva_config`` / ``corda_config`` given with another
+    ``init_lora_weights`` are ignored, which is worth a warning (the user meant that initialisation)."""
+    init = canonical_init(config.init_lora_weights)
+    for field_name, wanted in (("loftq_config", "loftq"), ("eva_config", "eva"), ("corda_config", "corda")):
+        if getattr(config, field_name) and init != wanted:
+            warnings.warn(f"{field_name} is given but ignored because init_lora_weights={config.init_lora_weights!r}"
+                          f" (it applies with init_lora_weights={wanted!r})", PeftWarning, stacklevel=4)
+
+
+def canonical_init(value: object) -> object:
+    """``init_lora_weights`` as peftkit's tables spell it: ``"OLoRA"`` -> ``"olora"`` (the names of
+    :data:`CASE_INSENSITIVE_INITS` in lower case); other values unchanged. The config keeps the user's spelling."""
+    if isinstance(value, str) and value.lower() in CASE_INSENSITIVE_INITS:
+        return value.lower()
+    return value
 
 
 def _init_ok(value: object) -> bool:
     if isinstance(value, bool):
         return True
+    value = canonical_init(value)
     return isinstance(value, str) and (value in INIT_CHOICES or re.fullmatch(r"pissa_niter_\d+", value) is not None)
 
 

@@ -8,6 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .config import canonical_init
+
 
 def _kaiming_A_zero_B(A: nn.Module, B: nn.Module, r: int) -> None:
     nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))  # U(±1/sqrt(fan_in)), nn.Linear's own default
@@ -38,7 +40,7 @@ _LINEAR_INITS: dict[object, Callable[[nn.Module, nn.Module, int], None]] = {
 
 def init_conv_or_linear_(A: nn.Module, B: nn.Module, mode: bool | str, r: int) -> None:
     """Initialise the ``lora_A``/``lora_B`` modules of a linear or conv adapter in place."""
-    _LINEAR_INITS[mode](A, B, r)
+    _LINEAR_INITS[canonical_init(mode)](A, B, r)  # type: ignore[index]
 
 
 def init_embedding_(A: torch.Tensor, B: torch.Tensor, mode: bool | str) -> None:
@@ -89,7 +91,8 @@ _WEIGHT_INITS: dict[str, Callable[[torch.Tensor, int, float, int | None],
 
 def _weight_init_key(mode: object) -> tuple[str, int | None] | None:
     """``"pissa"`` -> ``("pissa", None)``, ``"pissa_niter_4"`` -> ``("pissa_niter", 4)``, ``"olora"`` ->
-    ``("olora", None)``; None for inits that do not use the base weight."""
+    ``("olora", None)`` (also ``"OLoRA"``); None for inits that do not use the base weight."""
+    mode = canonical_init(mode)
     if not isinstance(mode, str):
         return None
     head, sep, tail = mode.rpartition("_")
@@ -117,4 +120,5 @@ SUPPORTED_INITS = (*_LINEAR_INITS, "pissa", "olora")
 
 def is_supported_init(mode: object) -> bool:
     """Is ``init_lora_weights=mode`` implemented by peftkit?"""
+    mode = canonical_init(mode)
     return any(mode is m or (isinstance(mode, str) and mode == m) for m in _LINEAR_INITS) or uses_base_weight(mode)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from ...errors import MergeError
+from ...errors import ConfigError, MergeError
 from ...injection.apply import defer_init, skip_random_init
 from ...layers.base import AdapterLayer
 from ...layers.dispatch import inplace_safe
@@ -38,7 +38,7 @@ class LoraLayer(AdapterLayer):
     """State shared by every LoRA layer: ranks, alphas, scalings and dropout per adapter."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_rslora", "lora_bias")
 
     r: dict[str, int]
     lora_alpha: dict[str, float]
@@ -155,7 +155,10 @@ class LoraLayer(AdapterLayer):
     def dora_weight_norm(self, adapter_name: str) -> torch.Tensor:
         """``‖V + scaling * B @ A‖`` in the magnitude's shape, detached. Cached while the base weight, A, B, the
         scaling and the merged adapters are unchanged (tensor ``_version``s are part of the key), so an eval
-        forward with frozen weights computes it once."""
+        forward with frozen weights computes it once. Under ``torch.compile`` it is computed in the graph (the
+        cache key reads ``id`` and ``data_ptr``, which dynamo cannot trace)."""
+        if _compiling():
+            return self._dora_norm(adapter_name)
         weight = self.get_base_layer().weight
         A, B = self._lora_weights(adapter_name)
         scaling = self.scaling[adapter_name]
@@ -324,7 +327,12 @@ class Linear(LoraLayer):
         (``peftkit.ops.native``) or two small torch ops, after checks that touch as few objects as possible. At
         decode shapes the base matmul has just streamed megabytes of weights through the caches, so every object
         read afterwards is a cache miss: reading them from the plan's direct references instead of walking
-        ``self -> lora_B -> module -> _parameters`` made unmerged decoding ~2-3% faster, the kernel ~3-4% more."""
+        ``self -> lora_B -> module -> _parameters`` made unmerged decoding ~2-3% faster, the kernel ~3-4% more.
+
+        Under ``torch.compile`` none of that runs (plans, caches and the kernel are eager optimisations dynamo
+        cannot trace): the layer computes the plain formula, which dynamo traces without a graph break."""
+        if _compiling():
+            return self._plain_forward(x, *args, **kwargs)
         if not (args or kwargs or _grad_enabled() or _tracing()):
             plan = self._lean_plan
             if plan is not None:
@@ -354,6 +362,23 @@ class Linear(LoraLayer):
                 if fused is not None:
                     return fused
         return self._add_adapters(x, self.base_layer(x, *args, **kwargs))
+
+    def _plain_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The forward as the paper writes it, ``base(x) + scaling * B(A(dropout(x)))`` per adapter (DoRA through
+        :meth:`_dora_forward`), out of place: what ``torch.compile`` traces."""
+        if self._disable_adapters:
+            return self._base_forward(x, *args, **kwargs)
+        if self._row_adapters is not None:
+            return self._mixed_forward(x, *args, **kwargs)
+        result = base_out = self.base_layer(x, *args, **kwargs)
+        for name in self._forward_adapters:
+            if name in self.lora_magnitude_vector:
+                result = self._dora_forward(name, x, result, base_out)
+                continue
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
+            update = lora_B(lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype))))
+            result = (result + update * self.scaling[name]).to(base_out.dtype)
+        return result
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         """Training forward of one plain adapter on a frozen, hook-free ``nn.Linear`` base as a single autograd
@@ -558,7 +583,8 @@ class Embedding(LoraLayer):
 
     def _create(self, adapter_name: str, r: int, lora_bias: bool, factory: dict[str, Any]) -> None:
         if lora_bias:
-            raise NotImplementedError("lora_bias=True is not supported for embedding layers")
+            raise ConfigError("lora_bias", True, "lora_bias=True is not supported for Embedding (it has no bias); "
+                              "allowed for embedding layers: False")  # ValueError, as the reference raises
         self.lora_embedding_A[adapter_name] = nn.Parameter(torch.empty(r, self.in_features, **factory))
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, r, **factory))
 
@@ -610,7 +636,7 @@ class Embedding(LoraLayer):
                 # (m/n) * (base + s * e(x) A^T B^T): the base output stands for ``W x`` (embeddings have no bias)
                 result = dora_update(result, base_out, (hidden @ B.t()) * scaling,
                                      self.lora_magnitude_vector[name].weight, self.dora_weight_norm(name))
-            elif self._inplace and not dora and can_update_inplace(result, B):
+            elif self._inplace and not dora and not _compiling() and can_update_inplace(result, B):
                 hidden = hidden * scaling if isinstance(scaling, torch.Tensor) else hidden
                 alpha = 1.0 if isinstance(scaling, torch.Tensor) else scaling
                 result.view(-1, result.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), B.t(), alpha=alpha)
@@ -679,7 +705,7 @@ class Conv(LoraLayer):
                 result = self._dora_forward(name, x, result, base_out)
                 continue
             delta = lora_B(lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype))))
-            if self._inplace and not dora and can_update_inplace(result, lora_A.weight):
+            if self._inplace and not dora and not _compiling() and can_update_inplace(result, lora_A.weight):
                 add_scaled_(result, delta, self.scaling[name])
             else:
                 result = (result + delta * self.scaling[name]).to(result.dtype)
@@ -729,6 +755,7 @@ _FEW_ELEMENTS = 1 << 14
 _any_autocast = torch._C._is_any_autocast_enabled  # one C call (``torch.is_autocast_enabled(device)`` costs 5x)
 _grad_enabled = torch.is_grad_enabled
 _tracing = torch._C._get_tracing_state  # not None inside torch.jit.trace
+_compiling = torch.compiler.is_compiling  # True (a constant) while dynamo traces
 # torch registers global module hooks into these dicts (never rebinds them): held directly for the no-grad plan
 _GLOBAL_FORWARD_HOOKS = torch_module._global_forward_hooks
 _GLOBAL_FORWARD_PRE_HOOKS = torch_module._global_forward_pre_hooks
