@@ -41,11 +41,14 @@ Cases (98M = Llama-style h768/ff2048/12 layers/12 heads/vocab 8192; LoRA r=16, a
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import copy
 import gc
 import json
 import math
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -256,6 +259,11 @@ def task_train(lib: str, variant: str, ctx: argparse.Namespace) -> dict[str, Any
     params = [p for p in model.parameters() if p.requires_grad]
     run = model
     if variant == "compiled":  # compiled by the warm-up step below (untimed; its wall time is reported)
+        # an empty inductor cache per process, as a user's first run: otherwise whichever library runs second
+        # reuses the kernels the first compiled for the shared base model, and compile_s compares caches
+        cache = tempfile.mkdtemp(prefix="bench-inductor-")
+        atexit.register(shutil.rmtree, cache, ignore_errors=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
         run = torch.compile(model, backend=ctx.compile_backend)
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     ids = token_batch(shape["m100"]["vocab_size"], shape["batch"], shape["seq"])

@@ -509,7 +509,7 @@ class PeftModel(nn.Module):
     def _prompt_tuner(self, what: str) -> Any:
         if not self.active_peft_config.is_prompt_learning:
             raise NotPromptLearningError(f"{what} is only available for prompt learning methods (prompt tuning, "
-                                            f"P-tuning, prefix tuning); this model holds {self.peft_type} adapters")
+                                         f"P-tuning, prefix tuning); this model holds {self.peft_type} adapters")
         return self.base_model
 
     def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:

@@ -376,8 +376,12 @@ class Linear(LoraLayer):
                 result = self._dora_forward(name, x, result, base_out)
                 continue
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            update = lora_B(lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype))))
-            result = (result + update * self.scaling[name]).to(base_out.dtype)
+            hidden = lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype)))  # (..., r)
+            if lora_B.bias is None:  # scale in rank space: no output-sized scaling pass in forward or backward
+                update = lora_B(hidden * self.scaling[name])
+            else:
+                update = lora_B(hidden) * self.scaling[name]
+            result = (result + update).to(base_out.dtype)
         return result
 
     def _fused_forward(self, x: torch.Tensor) -> torch.Tensor | None:
