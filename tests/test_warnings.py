@@ -8,6 +8,8 @@ Properties:
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +45,24 @@ def _merge_more(lib: Any) -> None:
     model.base_model.merge_adapter(["b"])
 
 
+def _save_ungathered(lib: Any) -> None:
+    """Save adapter parameters that are empty on this rank, as un-gathered ZeRO-3 / FSDP shards are."""
+    model = lib.get_peft_model(MLP(), _lora(lib))
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.data = torch.empty(0)
+    lib.get_peft_model_state_dict(model)
+
+
+def _convert_plain_init(lib: Any) -> None:
+    """``path_initial_model_for_weight_conversion`` on an adapter whose init left the base weight unchanged."""
+    model = lib.get_peft_model(MLP(), _lora(lib, init_lora_weights=False))
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(os.path.join(tmp, "init"))
+        model.save_pretrained(os.path.join(tmp, "out"),
+                              path_initial_model_for_weight_conversion=os.path.join(tmp, "init"))
+
+
 #: (id, action taking the library module, category, message regex); each action runs with peftkit and, for the
 #: interop check, with the reference (same code: the public APIs agree)
 CASES: list[tuple[str, Callable[[Any], Any], type[Warning], str]] = [
@@ -75,6 +95,10 @@ CASES: list[tuple[str, Callable[[Any], Any], type[Warning], str]] = [
      r"Already unmerged. Nothing to do"),
     ("merge-on-top-of-merged", _merge_more, UserWarning,
      r"Already following adapters were merged default. You are now additionally merging b"),
+    ("empty-tensors-at-save", _save_ungathered, UserWarning,
+     r"tensor\(s\) are empty.*not gathered before saving"),
+    ("weight-conversion-of-a-plain-init", _convert_plain_init, UserWarning,
+     r"path_initial_model_for_weight_conversion is meant for PiSSA.*init_lora_weights=False"),
     ("loftq_config-without-loftq-init",
      lambda lib: lib.LoraConfig(loftq_config={"loftq_bits": 4}), UserWarning,
      r"loftq_config is given but ignored because init_lora_weights=True"),
@@ -88,6 +112,8 @@ CASES: list[tuple[str, Callable[[Any], Any], type[Warning], str]] = [
 IDS = [case[0] for case in CASES]
 #: cases where the reference's warning needs another path to trigger
 NOT_CHECKED_ON_REFERENCE = {
+    "weight-conversion-of-a-plain-init": "the reference's save_pretrained sets init_lora_weights=True on its copy of "
+                                         "the config before the check, so its warning never fires",
     "pissa-next-to-another-adapter": "the reference checks this in PeftModel.load_adapter only; peftkit also warns "
                                      "in add_adapter (the same mistake)",
 }

@@ -275,9 +275,25 @@ def get_peft_model_state_dict(
     out: dict[str, torch.Tensor] = {}
     for saved, mem, clean_mem, tensor in entries:
         out[saved] = _lookup(state_dict, mem, clean_mem, tensor).detach()
+    if state_dict is None:  # as the reference: a caller's explicit state dict is taken as it is
+        _warn_unsharded(out, adapter_name)
     config = _configs(_unwrap_compiled(model))[adapter_name]
     export = get_method(config.peft_type).export_state
     return out if export is None else export(_unwrap_compiled(model), config, adapter_name, out)
+
+
+def _warn_unsharded(tensors: dict[str, torch.Tensor], adapter_name: str) -> None:
+    """Warn when adapter tensors are empty: the local shards of a DeepSpeed ZeRO-3 / FSDP model whose parameters
+    were not gathered before saving (the reference warns for such LoRA tensors)."""
+    empty = [key for key, tensor in tensors.items() if tensor.numel() == 0]
+    if empty:
+        more = f" (+{len(empty) - 3} more)" if len(empty) > 3 else ""
+        warnings.warn(
+            f"adapter {adapter_name!r}: {len(empty)} tensor(s) are empty, e.g. {empty[:3]}{more}: the parameters of a "
+            "DeepSpeed ZeRO-3 / FSDP model were not gathered before saving, so the file would be incomplete. Save "
+            "inside deepspeed.zero.GatheredParameters([...], modifier_rank=None) (ZeRO-3) or "
+            "FullyShardedDataParallel.summon_full_params(model) (FSDP), or pass a gathered state_dict=.",
+            PeftWarning, stacklevel=3)
 
 
 def _lookup(

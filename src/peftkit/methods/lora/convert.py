@@ -9,11 +9,12 @@ under rsLoRA, whose scaling is ``alpha / sqrt(r)``).
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
 from ...config import PeftConfig
-from ...errors import AdapterLoadError, ConfigError
+from ...errors import AdapterLoadError, ConfigError, PeftWarning
 from ...serialization.files import load_peft_weights
 from .config import LoraConfig
 
@@ -30,6 +31,7 @@ def convert_to_lora(config: PeftConfig, tensors: dict[str, torch.Tensor], initia
     if config.use_dora or config.lora_bias:
         field = "use_dora" if config.use_dora else "lora_bias"
         raise ConfigError(field, True, f"weight conversion to a plain LoRA is not possible with {field}=True")
+    _warn_unless_weight_init(config)
     try:
         initial = load_peft_weights(initial_path)
     except (OSError, ValueError) as exc:
@@ -57,3 +59,13 @@ def convert_to_lora(config: PeftConfig, tensors: dict[str, torch.Tensor], initia
         alpha_pattern={k: 2 * v for k, v in (config.alpha_pattern or {}).items()},
     )
     return new_config, converted
+
+
+def _warn_unless_weight_init(config: LoraConfig) -> None:
+    """As the reference: the conversion is meant for PiSSA / OLoRA (and CorDA / LoRA-GA) adapters, whose
+    initialisation changed the base weight; warn for other initialisations (``True``, whose ``B0 = 0``, is fine)."""
+    init = str(config.init_lora_weights).lower()
+    if not any(init.startswith(prefix) for prefix in ("pissa", "corda", "olora", "lora_ga", "true")):
+        warnings.warn(f"path_initial_model_for_weight_conversion is meant for PiSSA/CorDA/OLoRA/LoRA-GA adapters; this "
+                      f"one was initialised with init_lora_weights={config.init_lora_weights!r}, which left the base "
+                      "weight unchanged, so there is nothing to convert", PeftWarning, stacklevel=5)
