@@ -8,6 +8,7 @@
 - A compiled LoRA model with ``lora_dropout > 0`` trains (it crashed in dynamo on the fused dropout function).
 - Compiled training (inductor) gives the eager loss and gradients within 1e-5 (dropout 0).
 - Compiled ``generate`` gives the eager greedy tokens.
+- ``Trainer`` with ``torch_compile=True`` trains a LoRA adapter with dropout, without graph breaks.
 
 Compiling is slow on small CPUs: graph breaks are counted with dynamo's own tracer (``explain``, no backend), and
 only the numeric checks compile for real. Compiled hot-swap (no recompilation) is tested in test_hotswap.py.
@@ -15,6 +16,7 @@ only the numeric checks compile for real. Compiled hot-swap (no recompilation) i
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -186,3 +188,37 @@ def test_compiled_generate_gives_the_eager_greedy_tokens():
         del inner.forward
         torch._dynamo.reset()
     assert torch.equal(out, expected)
+
+
+@pytest.mark.slow
+def test_trainer_torch_compile_trains_with_dropout_without_graph_breaks(tmp_path):
+    """``TrainingArguments(torch_compile=True)`` (Trainer compiles the model itself) trains a LoRA adapter with
+    dropout: the adapter changes, the losses are finite, dynamo records no graph break, and the checkpoint holds
+    the adapter only."""
+    import datasets
+    import transformers
+
+    from peftkit.integrations import AdapterTrainer
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    torch.manual_seed(0)
+    model = get_peft_model(CASE.build(), LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear",
+                                                    lora_dropout=0.1))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ids = torch.randint(3, 128, (8, 8), generator=torch.Generator().manual_seed(1)).tolist()
+    data = datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 8] * 8, "labels": ids})
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=3, save_steps=3, logging_steps=1,
+        learning_rate=1e-2, report_to=[], use_cpu=True, dataloader_num_workers=0, disable_tqdm=True,
+        torch_compile=True, torch_compile_backend="aot_eager")
+    trainer = AdapterTrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    breaks = dict(torch._dynamo.utils.counters["graph_break"])
+    torch._dynamo.reset()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert breaks == {}
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if n in before)
+    assert sorted(os.listdir(tmp_path / "checkpoint-3")).count("adapter_model.safetensors") == 1
+    assert not any(f.startswith("model.safetensors") for f in os.listdir(tmp_path / "checkpoint-3"))
