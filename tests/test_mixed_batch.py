@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from models import CASES_BY_NAME, TASK_CASES, model_output
+from numerics import TINY_MODEL_REDUCTION, fp_tol
 
 from peftkit import AdapterNotFoundError, LoraConfig, MergeError, get_peft_model
 from peftkit.ops.batched import add_mixed_lowrank_, contiguous_runs, mixed_lowrank_reference, stack_adapters
@@ -153,7 +154,8 @@ def test_mixed_batch_errors_and_state_is_restored():
     with torch.no_grad():
         plain = model(**inputs).logits
         routed = model(**inputs, adapter_names=["default", "default"]).logits
-    torch.testing.assert_close(routed, plain, atol=1e-6, rtol=0)
+    # the routed (mixed-batch) path vs the plain one: a tiny-model forward on other kernels
+    torch.testing.assert_close(routed, plain, **fp_tol(torch.float32, TINY_MODEL_REDUCTION))
 
 
 def test_each_row_its_own_adapter_and_stack_cache_invalidation():
@@ -197,4 +199,5 @@ def test_consecutive_calls_with_different_routing():
         for names in (["default", "b"], ["b", "default"], ["default", "b"], ["b", "b"]):
             out = model(**inputs, adapter_names=list(names))
             for i, name in enumerate(names):
-                torch.testing.assert_close(out[i], singles[name][i], atol=1e-6, rtol=0)
+                # mixed-batch path vs one adapter for the batch: a tiny-model forward on other kernels
+                torch.testing.assert_close(out[i], singles[name][i], **fp_tol(torch.float32, TINY_MODEL_REDUCTION))

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from models import CASES_BY_NAME, model_output
+from numerics import fp_tol
 from safetensors.torch import load_file
 
 import peftkit
@@ -136,7 +137,8 @@ def test_conversion_reproduces_training_on_original_base_and_matches_reference(c
     ref_converted = load_file(tmp_path / "ref_converted" / "adapter_model.safetensors")
     assert converted.keys() == ref_converted.keys()
     for key in converted:
-        torch.testing.assert_close(converted[key], ref_converted[key], atol=1e-6, rtol=0)
+        # peftkit's conversion vs the reference's: element-wise (concatenate, negate, scale), no reduction
+        torch.testing.assert_close(converted[key], ref_converted[key], **fp_tol(torch.float32, 1))
     ref_cfg = json.loads((tmp_path / "ref_converted" / "adapter_config.json").read_text())
     assert (ref_cfg["r"], ref_cfg["lora_alpha"]) == (cfg["r"], cfg["lora_alpha"])
     # and the reference's converted file, loaded by peftkit on the original base, reproduces the training

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 from models import CASES_BY_NAME, TaskCase, model_output
+from numerics import fp_tol
 from torch import nn
 
 import peftkit
@@ -267,8 +268,9 @@ def test_gpt2_fan_in_fan_out() -> None:
     with torch.no_grad():
         kit_layer.lora_A["default"].weight.copy_(ref_layer.lora_A["default"].weight)
         kit_layer.lora_B["default"].weight.copy_(ref_layer.lora_B["default"].weight)
+    # peftkit's (B @ A).T for the Conv1D layout vs the reference's: the same rank-4 sum, maybe in another order
     torch.testing.assert_close(
-        kit_layer.get_delta_weight("default"), ref_layer.get_delta_weight("default"), atol=1e-7, rtol=0
+        kit_layer.get_delta_weight("default"), ref_layer.get_delta_weight("default"), **fp_tol(torch.float32, 4)
     )
 
 
