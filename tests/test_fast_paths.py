@@ -438,10 +438,10 @@ PLAN_TOL = F32_TOL  # float32: the kernel sums in another order than BLAS
 def plan_backend(request, monkeypatch):
     """Run the no-grad plan with the native kernel (each call recorded; the test must have used it) or with torch
     ops only. Yields ``(backend, calls)``."""
-    import peftkit.methods.lora.layers as lora_layers
+    import peftkit.methods.lora.fastpath as lora_fastpath
     calls = []
     if request.param == "torch":
-        monkeypatch.setattr(lora_layers, "lowrank_kernel", lambda: None)
+        monkeypatch.setattr(lora_fastpath, "lowrank_kernel", lambda: None)
         yield request.param, calls
         return
     kernel = built_kernel(monkeypatch)  # with PEFTKIT_NATIVE=0 too (asserting that it is honoured)
@@ -452,7 +452,7 @@ def plan_backend(request, monkeypatch):
         calls.append(args[4:])
         kernel(*args)
 
-    monkeypatch.setattr(lora_layers, "lowrank_kernel", lambda: counted)
+    monkeypatch.setattr(lora_fastpath, "lowrank_kernel", lambda: counted)
     yield request.param, calls
     assert calls, "the native kernel never ran"
 

@@ -260,6 +260,7 @@ def test_inplace_gradients_equal_out_of_place(build, targets, loss_fn):
 
 
 def test_linear_layers_take_the_inplace_path(monkeypatch):
+    import peftkit.methods.lora.fastpath as lora_fastpath
     import peftkit.methods.lora.layers as lora_layers
 
     calls = []
@@ -271,9 +272,9 @@ def test_linear_layers_take_the_inplace_path(monkeypatch):
         return out
 
     fused = []
-    real_fused = lora_layers.linear_lora
+    real_fused = lora_fastpath.linear_lora
     monkeypatch.setattr(lora_layers, "add_lora_", spy)
-    monkeypatch.setattr(lora_layers, "linear_lora", lambda *a: fused.append(1) or real_fused(*a))
+    monkeypatch.setattr(lora_fastpath, "linear_lora", lambda *a: fused.append(1) or real_fused(*a))
     model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj", "down_proj"], init_lora_weights=False))
     model(**causal_lm_inputs(2)).loss.backward()  # training mode, one adapter: the fused base + adapter node
     assert len(fused) == 4 and calls == []
