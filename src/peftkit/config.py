@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 
 from typing_extensions import Self
 
-from .errors import AdapterLoadError, ConfigError, MissingPeftTypeError, PeftWarning
+from .errors import AdapterLoadError, ConfigError, ConfigTypeError, MissingPeftTypeError, PeftWarning
 from .fileio import atomic_write_text, resolve_file
 from .types import PeftType, TaskType
 
@@ -33,6 +34,13 @@ _PROMPT_LEARNING_TYPES = {
 }
 #: Keys that are never read from a saved config (the reference drops them too).
 _DROPPED_KEYS = ("runtime_config",)
+#: Fields holding module names: None, a regex str, or a collection of names (whichever config class has them).
+_MODULE_NAME_FIELDS = ("target_modules", "exclude_modules", "feedforward_modules")
+#: Fields holding ``{module-name regex: value}`` overrides; their values are checked by each method.
+_PATTERN_FIELDS = ("rank_pattern", "alpha_pattern")
+#: ``adapter_config.json`` nested deeper than this is refused before parsing (``json`` would hit RecursionError).
+MAX_JSON_DEPTH = 64
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 C = TypeVar("C", bound="PeftConfig")
 
@@ -51,6 +59,43 @@ def is_int(value: object) -> bool:
 def is_number(value: object) -> bool:
     """True for ints and floats that are not bools."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_name_collection(value: object) -> bool:
+    """True for a list, tuple, set or frozenset whose items are all str."""
+    return isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value)
+
+
+def check_shared_fields(config: object) -> None:
+    """Type checks of the fields several methods share, run by :meth:`PeftConfig.__post_init__` before any
+    subclass converts them: module-name fields, ``modules_to_save`` and the pattern dicts. A wrong type raises
+    :class:`ConfigTypeError` (a ``ConfigError`` and a ``TypeError``) naming the field and what is allowed."""
+    for name in _MODULE_NAME_FIELDS:
+        value = getattr(config, name, None)
+        if not (value is None or isinstance(value, str) or _is_name_collection(value)):
+            raise ConfigTypeError(name, value, "allowed: None, a regex str, 'all-linear' or a list of module names")
+    value = getattr(config, "modules_to_save", None)
+    if not (value is None or _is_name_collection(value)):
+        raise ConfigTypeError("modules_to_save", value, "allowed: None or a list of module names (not a str)")
+    for name in _PATTERN_FIELDS:
+        value = getattr(config, name, None)
+        if not (value is None or (isinstance(value, dict) and all(isinstance(k, str) for k in value))):
+            raise ConfigTypeError(name, value, "allowed: None or a dict {module-name regex: value}")
+
+
+def json_depth_exceeds(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """True when the JSON ``text`` nests arrays/objects more than ``limit`` deep (brackets in strings ignored).
+
+    Linear in ``len(text)`` and non-recursive, so it is safe on hostile input; it does not validate the JSON."""
+    depth = 0
+    for char in _JSON_STRING.sub("", text):
+        if char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
 
 
 def _jsonable(value: Any) -> Any:
@@ -99,6 +144,7 @@ class PeftConfig:
             check(str(self.peft_type) in allowed_types, "peft_type", self.peft_type, "allowed: a PeftType value")
             self.peft_type = PeftType(str(self.peft_type))
         check(isinstance(self.inference_mode, bool), "inference_mode", self.inference_mode, "allowed: True or False")
+        check_shared_fields(self)
         if self.peft_version is None:
             self.peft_version = f"{FORMAT_VERSION}@peftkit-{PEFTKIT_VERSION}"
 
@@ -161,8 +207,12 @@ class PeftConfig:
         """The dict stored in a JSON file; a broken file raises :class:`AdapterLoadError` naming it."""
         try:
             with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except (OSError, json.JSONDecodeError) as exc:
+                text = fh.read()
+            if json_depth_exceeds(text):
+                raise AdapterLoadError(f"cannot read the adapter config {str(path)!r}: its JSON nests more than "
+                                       f"{MAX_JSON_DEPTH} levels deep; allowed: at most {MAX_JSON_DEPTH}")
+            data = json.loads(text)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise AdapterLoadError(f"cannot read the adapter config {str(path)!r}: {exc}") from exc
         if not isinstance(data, dict):
             raise AdapterLoadError(f"{str(path)!r} is not an adapter config: it holds a {type(data).__name__}, "

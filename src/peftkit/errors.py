@@ -29,6 +29,11 @@ class ConfigError(PeftError, ValueError):
         super().__init__(f"{field}={value!r} is not allowed; {allowed}")
 
 
+class ConfigTypeError(ConfigError, TypeError):
+    """A :class:`ConfigError` for a value of the wrong type (``target_modules=123``); also a ``TypeError``, which
+    the reference raises (untyped) in these cases."""
+
+
 class NoMatchingPeftModuleError(PeftError, ValueError):
     """``target_modules`` (or another selector) matched no module of the model."""
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
-from .errors import AdapterLoadError
+from .errors import AdapterLoadError, ConfigError
 
 #: Keyword arguments of ``hf_hub_download`` that callers may pass through ``**kwargs``.
 HUB_KWARGS = ("revision", "cache_dir", "token", "force_download", "local_files_only", "proxies", "repo_type")
@@ -19,19 +20,62 @@ HUB_KWARGS = ("revision", "cache_dir", "token", "force_download", "local_files_o
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path`` (atomic on POSIX).
 
-    On an exception the temporary file is removed and ``path`` is left as it was.
+    On an exception the temporary file is removed and ``path`` is left as it was. The file is created with mode
+    ``0o666`` minus the process umask (as ``open(path, "w")``, and as transformers writes its files), not the
+    owner-only ``0o600`` of ``tempfile.mkstemp``.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
+    tmp = _create_temp_beside(target)
+    mode = stat.S_IMODE(os.stat(tmp).st_mode)  # 0o666 & ~umask, as the kernel created it
     try:
         yield tmp
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:  # safetensors' save_file leaves 0o600 whatever it opens
+            os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _create_temp_beside(target: Path) -> str:
+    """Create a new empty file ``.<name>.<random>.tmp`` in ``target``'s directory, mode ``0o666 & ~umask`` (the
+    kernel applies the umask and any default ACL); ``O_EXCL`` so an existing file or symlink is never reused."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = os.path.join(target.parent, f".{target.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"could not create a temporary file beside {os.fspath(target)!r}")
+
+
+def check_subfolder(subfolder: str | os.PathLike[str] | None) -> str | None:
+    """``subfolder`` as a relative path inside the directory (or repo) it is joined to; None for None or "".
+
+    Raises :class:`ConfigError` for one that could lead outside it: absolute (``/x``, ``C:\\x``, ``\\\\srv``), a
+    ``..`` component (with ``/`` or ``\\`` separators), or a NUL character.
+    """
+    if subfolder is None:
+        return None
+    if not isinstance(subfolder, (str, os.PathLike)):
+        raise ConfigError("subfolder", subfolder, "allowed: None or a relative path (str) inside the directory")
+    sub = os.fspath(subfolder)
+    if not isinstance(sub, str):
+        raise ConfigError("subfolder", subfolder, "allowed: None or a relative path (str) inside the directory")
+    if not sub:
+        return None
+    parts = sub.replace("\\", "/").split("/")
+    if "\0" in sub or os.path.isabs(sub) or PureWindowsPath(sub).drive or sub.startswith(("/", "\\")) or ".." in parts:
+        raise ConfigError(
+            "subfolder", subfolder,
+            "allowed: a relative path inside the directory named (no absolute path, no '..' component, no NUL)",
+        )
+    return sub
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
@@ -59,6 +103,7 @@ def resolve_file(
     (or revision) cannot be found, online or in the local cache. ``kwargs``: ``revision``, ``cache_dir``, ``token``,
     ``local_files_only``, ... (see ``HUB_KWARGS``).
     """
+    subfolder = check_subfolder(subfolder)
     base = Path(path_or_id)
     local = base / subfolder / filename if subfolder else base / filename
     if base.is_dir():

@@ -8,11 +8,12 @@ from typing import Any
 from torch import nn
 
 from .config import PeftConfig
-from .errors import ConfigError, PeftWarning
+from .errors import ConfigError, ConfigTypeError, PeftWarning
 from .layers.base import AdapterLayer
 from .peft_model import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel
 from .registry import get_method
 from .tuner import tuner_class
+from .tuner_base import check_adapter_name
 
 
 def get_peft_model(
@@ -33,6 +34,8 @@ def get_peft_model(
         raise ConfigError("mixed", mixed, "peftkit does not implement PeftMixedModel yet; allowed: False")
     if not isinstance(peft_config, PeftConfig):
         raise ConfigError("peft_config", type(peft_config).__name__, "allowed: a PeftConfig instance (e.g. LoraConfig)")
+    if not isinstance(model, nn.Module):
+        raise ConfigTypeError("model", type(model).__name__, "allowed: a torch.nn.Module (e.g. a transformers model)")
     if any(isinstance(m, AdapterLayer) for m in model.modules()):
         warnings.warn(
             "the model already holds adapter layers; wrapping it again stacks adapters. To start fresh, call "
@@ -40,6 +43,7 @@ def get_peft_model(
             PeftWarning,
             stacklevel=2,
         )
+    check_adapter_name(adapter_name)
     prefix = get_method(str(peft_config.peft_type)).prefix
     if adapter_name in prefix:
         warnings.warn(f"adapter_name {adapter_name!r} is a substring of the parameter prefix {prefix!r}; "

@@ -51,6 +51,7 @@ from .serialization.files import load_peft_weights, save_weights
 from .serialization.model_card import render_model_card, write_model_card
 from .serialization.state_dict import get_peft_model_state_dict, input_embedding, set_peft_model_state_dict
 from .tuner import TunerModel, tuner_class
+from .tuner_base import check_adapter_name
 from .types import TaskType
 
 _LOAD_KWARGS = ("subfolder", *HUB_KWARGS)
@@ -373,6 +374,7 @@ class PeftModel(nn.Module):
         The adapter is frozen unless ``is_trainable``. Files are read and checked before the model is touched; if
         loading fails the model is restored exactly (modules and ``requires_grad``).
         """
+        check_adapter_name(adapter_name)  # before any file is read
         hub = _split_hub_kwargs(kwargs)
         torch_device = kwargs.pop("torch_device", None)
         if config is None:
@@ -425,6 +427,7 @@ class PeftModel(nn.Module):
         Frozen unless ``is_trainable``. Returns ``(missing_keys, unexpected_keys)``; raises (leaving the model
         unchanged) for missing/corrupt files, shape mismatches, or a checkpoint that matches nothing.
         """
+        check_adapter_name(adapter_name)  # before any file is read
         hub = _split_hub_kwargs(kwargs)
         if adapter_name in self.peft_config:
             raise AdapterExistsError(f"Adapter with name {adapter_name!r} already exists.")

@@ -30,7 +30,7 @@ from .quantization import (
     make_quantized_layers_trainable,
 )
 from .registry import MethodSpec, all_methods, get_method
-from .tuner_base import BASE_ROW, BaseTuner
+from .tuner_base import BASE_ROW, BaseTuner, check_adapter_name
 
 
 class TunerModel(BaseTuner):
@@ -257,6 +257,7 @@ class TunerModel(BaseTuner):
         if isinstance(adapters, str) or not adapters:
             raise ConfigError("adapters", adapters, "allowed: a non-empty list of adapter names")
         self._require(adapters)
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise AdapterExistsError(f"Adapter with name {adapter_name!r} already exists.")
         if isinstance(weights, str) or len(weights) != len(adapters):

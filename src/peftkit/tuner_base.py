@@ -6,7 +6,9 @@ trainability, forwards unknown attributes to the model, and checks names and con
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Sequence
+from pathlib import PureWindowsPath
 from typing import Any
 
 from torch import nn
@@ -17,6 +19,32 @@ from .registry import MethodSpec, get_method
 
 #: the name that routes a row of a mixed batch through the base model only (so no adapter may take it)
 BASE_ROW = "__base__"
+
+#: what an adapter name may be (it becomes a sub-directory name in ``save_pretrained``)
+_NAME_RULE = ("allowed: a non-empty str usable as one directory name: no '/' or '\\' (or other path separator), "
+              "not '.' or '..', not an absolute or drive path, no NUL character")
+
+
+def check_adapter_name(adapter_name: object) -> str:
+    """``adapter_name`` if it may name an adapter, else :class:`ConfigError` naming ``adapter_name``.
+
+    A non-default adapter is saved to ``os.path.join(save_directory, adapter_name)``, so a name must be a single
+    path component that stays inside ``save_directory``: no path separator (``/``, ``\\``, ``os.sep``,
+    ``os.altsep``), not ``.``/``..``, not absolute, no Windows drive (``C:x``), no NUL. (The reference accepts all
+    of these, and saves ``"/abs/x"`` to ``/abs/x``.)
+    """
+    if not isinstance(adapter_name, str) or not adapter_name:
+        raise ConfigError("adapter_name", adapter_name, _NAME_RULE)
+    separators = {"/", "\\", os.sep, os.altsep} - {None}
+    if (
+        adapter_name in (".", "..")
+        or "\0" in adapter_name
+        or any(sep in adapter_name for sep in separators)  # type: ignore[operator]
+        or os.path.isabs(adapter_name)
+        or PureWindowsPath(adapter_name).drive
+    ):
+        raise ConfigError("adapter_name", adapter_name, _NAME_RULE)
+    return adapter_name
 
 
 class BaseTuner(nn.Module):
@@ -99,8 +127,7 @@ class BaseTuner(nn.Module):
         """The method of ``config`` after checking that ``adapter_name`` may be added with it."""
         if not isinstance(config, PeftConfig):
             raise ConfigError("peft_config", type(config).__name__, "allowed: a PeftConfig instance")
-        if not isinstance(adapter_name, str) or not adapter_name:
-            raise ConfigError("adapter_name", adapter_name, "allowed: a non-empty str")
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise AdapterExistsError(f"Adapter with name {adapter_name!r} already exists.")
         if adapter_name == BASE_ROW:

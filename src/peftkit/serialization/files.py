@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import json
@@ -34,7 +35,9 @@ def _independent(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_weights(tensors: dict[str, torch.Tensor], directory: str, safe_serialization: bool = True) -> str:
-    """Write ``tensors`` to ``adapter_model.safetensors`` (or ``adapter_model.bin``) in ``directory``, atomically.
+    """Write ``tensors`` to ``adapter_model.safetensors`` (or ``adapter_model.bin``) in ``directory``, atomically,
+    then remove the other format's file from ``directory`` if there is one: it holds an older save, and the loader
+    would prefer a stale ``adapter_model.safetensors`` to the new ``.bin``. No other file is touched.
 
     Returns the written path.
     """
@@ -43,12 +46,20 @@ def save_weights(tensors: dict[str, torch.Tensor], directory: str, safe_serializ
     if safe_serialization:
         from safetensors.torch import save_file
 
-        path = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
+        path, stale = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME), os.path.join(directory, WEIGHTS_NAME)
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     else:
-        path = os.path.join(directory, WEIGHTS_NAME)
+        path, stale = os.path.join(directory, WEIGHTS_NAME), os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
         atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+    _remove_stale(stale)
     return path
+
+
+def _remove_stale(path: str) -> None:
+    """Remove the file (or symlink) ``path`` if it exists; a directory of that name is left alone."""
+    if os.path.islink(path) or os.path.isfile(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def load_peft_weights(

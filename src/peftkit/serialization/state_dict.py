@@ -496,6 +496,7 @@ def _load_state_dict(
     embeddings = {} if expected.keys() >= incoming.keys() else {
         **_base_bias_map(model, adapter_name), **{_strip(k): v for k, v in embedding_tensor_map(model).items()}}
     plan: list[tuple[torch.Tensor, torch.Tensor]] = []
+    loaded: list[str] = []  # the checkpoint key of each plan entry
     mismatched: list[str] = []
     skipped: set[str] = set()
     unexpected: list[str] = []
@@ -515,6 +516,7 @@ def _load_state_dict(
             skipped.add(norm)  # reported missing, as the reference does
             continue
         plan.append((target[1], value))
+        loaded.append(original)
     if mismatched and not ignore_mismatched_sizes:
         raise ShapeMismatchError(
             f"size mismatch for {len(mismatched)} tensor(s) of adapter {adapter_name!r}: " + "; ".join(mismatched[:5])
@@ -529,10 +531,23 @@ def _load_state_dict(
             f"(e.g. {incoming[sample]!r}; closest model keys: {closest_names(sample, expected)}). The checkpoint was "
             "probably made for a different model or module naming; pass key_mapping to translate its keys."
         )
+    _warn_non_finite(loaded, [value for _, value in plan], adapter_name)
     _copy(plan, assign)
     present = set(incoming) - skipped
     missing = [mem or norm for norm, (mem, _) in expected.items() if norm not in present]
     return _IncompatibleKeys(missing_keys=missing, unexpected_keys=unexpected)
+
+
+def _warn_non_finite(names: list[str], values: list[torch.Tensor], adapter_name: str, shown: int = 3) -> None:
+    """Warn (:class:`PeftWarning`) when loaded floating-point tensors hold NaN or inf, naming the first ``shown`` and
+    the count: such an adapter makes every output NaN. One ``isfinite(t).all()`` per floating tensor (meta skipped)."""
+    bad = [name for name, value in zip(names, values)
+           if value.is_floating_point() and not value.is_meta and not bool(torch.isfinite(value).all())]
+    if bad:
+        more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
+        warnings.warn(f"{len(bad)} checkpoint tensor(s) of adapter {adapter_name!r} hold NaN or inf values: "
+                      f"{', '.join(repr(n) for n in bad[:shown])}{more}. The model's outputs will be NaN or inf; "
+                      "the checkpoint is probably corrupt or from a diverged training run.", PeftWarning, stacklevel=3)
 
 
 def _copy(plan: list[tuple[torch.Tensor, torch.Tensor]], assign: bool) -> None:

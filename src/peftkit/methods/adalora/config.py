@@ -6,7 +6,7 @@ import warnings
 from dataclasses import dataclass
 
 from ...config import check, is_int, is_number
-from ...errors import PeftWarning
+from ...errors import ConfigTypeError, PeftWarning
 from ...types import PeftType
 from ..lora.config import LoraConfig
 
@@ -80,4 +80,5 @@ def _check_rank_pattern(pattern: object) -> None:
         isinstance(k, str) and isinstance(v, (list, tuple)) and all(isinstance(b, bool) for b in v)
         for k, v in pattern.items()
     ))
-    check(ok, "rank_pattern", pattern, "AdaLoRA allowed: None or {'<module path>.lora_E': [bool, ...]}")
+    if not ok:
+        raise ConfigTypeError("rank_pattern", pattern, "AdaLoRA allowed: None or {'<module path>.lora_E': [bool, ...]}")
