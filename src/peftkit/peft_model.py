@@ -36,7 +36,7 @@ from .errors import (
     UnsupportedOperationError,
 )
 from .fileio import HUB_KWARGS
-from .injection.apply import weights_follow
+from .injection.apply import adapters_on_meta, weights_follow
 from .injection.plan import QA_HEADS, SEQ_CLS_HEADS
 from .model_surface import (
     bind_forward,
@@ -49,7 +49,12 @@ from .module_utils import gc_paused, parameter_grads, walk_modules
 from .registry import get_method
 from .serialization.files import load_peft_weights, save_weights
 from .serialization.model_card import render_model_card, write_model_card
-from .serialization.state_dict import get_peft_model_state_dict, input_embedding, set_peft_model_state_dict
+from .serialization.state_dict import (
+    check_state_dict_shapes,
+    get_peft_model_state_dict,
+    input_embedding,
+    set_peft_model_state_dict,
+)
 from .tuner import TunerModel, tuner_class
 from .tuner_base import check_adapter_name
 from .types import TaskType
@@ -388,6 +393,19 @@ class PeftModel(nn.Module):
         if key_mapping is None:
             key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None
         grads = parameter_grads(model)  # restored if loading fails
+        if is_trainable and not low_cpu_mem_usage and _can_probe(config):  # trainable loads allocate: probe first
+            try:
+                with adapters_on_meta(), gc_paused():
+                    probe = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                       low_cpu_mem_usage=True)
+                    try:
+                        check_state_dict_shapes(probe, weights, adapter_name,
+                                                kwargs.get("ignore_mismatched_sizes", False), key_mapping)
+                    finally:
+                        probe.base_model.unload()
+            finally:
+                for param, grad in grads:
+                    param.requires_grad_(grad)
         try:
             # low_cpu_mem_usage: adapter tensors start on meta; loading fills them, missing ones become zeros
             with _skip_init_unless(is_trainable and not low_cpu_mem_usage), gc_paused():
@@ -434,6 +452,15 @@ class PeftModel(nn.Module):
         config = PeftConfig.from_pretrained(model_id, **hub).copy(inference_mode=not is_trainable)
         _check_trainable_load(config, is_trainable)
         weights = load_peft_weights(model_id, device=torch_device, **hub)
+        if is_trainable and _can_probe(config):  # trainable loads allocate and init: check shapes on a meta probe
+            with adapters_on_meta():
+                probe = self.base_model.inject_adapter(config, adapter_name,
+                                                       autocast_adapter_dtype=autocast_adapter_dtype)
+                try:
+                    check_state_dict_shapes(self, weights, adapter_name, kwargs.get("ignore_mismatched_sizes", False),
+                                            key_mapping)
+                finally:
+                    self.base_model.remove_injected(probe)
         with _skip_init_unless(is_trainable):
             applied = self.base_model.inject_adapter(config, adapter_name,
                                                      autocast_adapter_dtype=autocast_adapter_dtype)
@@ -610,6 +637,13 @@ def _skip_init_unless(is_trainable: bool) -> contextlib.AbstractContextManager[N
     """Loading for inference: adapters skip their random init, the checkpoint overwrites them (a tensor missing from
     it is zeroed, which adds nothing). Trainable loads keep the normal init so that missing tensors still train."""
     return contextlib.nullcontext() if is_trainable else weights_follow()
+
+
+def _can_probe(config: PeftConfig) -> bool:
+    """Can a throw-away adapter of ``config`` be injected (on meta) to check a checkpoint's shapes before the real,
+    allocating one? Not when its init rewrites the base weights (LoRA's PiSSA / OLoRA): the probe would apply it
+    twice."""
+    return not get_method(str(config.peft_type)).init_changes_base(config)
 
 
 def _check_trainable_load(config: PeftConfig, is_trainable: bool) -> None:

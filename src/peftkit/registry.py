@@ -83,6 +83,8 @@ class MethodSpec:
         check_plan: ``(config, [(module_name, module), ...]) -> None``: called once with every module the plan
             wraps, to warn about per-layer facts that are likely a mistake (LoRA: ``lora_bias=True`` on layers
             without a bias), one warning naming all of them; None: nothing to check.
+        init_changes_base: ``(config) -> bool``: whether initialising an adapter of ``config`` rewrites the base
+            weights (LoRA's PiSSA / OLoRA), so it must not run twice (loads do not probe such adapters on meta).
     """
 
     peft_type: PeftType
@@ -112,6 +114,7 @@ class MethodSpec:
                            dict[str, torch.Tensor]] | None = None
     prepare_load: Callable[[nn.Module, PeftConfig, str], None] | None = None
     check_plan: Callable[[PeftConfig, Sequence[tuple[str, nn.Module]]], None] | None = None
+    init_changes_base: Callable[[PeftConfig], bool] = lambda config: False
     rank_field: str = "r"
     pattern_fields: tuple[str, ...] = ("rank_pattern", "alpha_pattern")
 

@@ -28,11 +28,15 @@ def weights_follow() -> Iterator[None]:
     checkpoint tensor is adopted without allocating twice. Loading reports each tensor it writes
     (:func:`mark_loaded`); on exit every tensor still pending (missing from the checkpoint) becomes zeros on its
     device, so no unfilled memory or meta tensor survives. Inits that change the base weights (PiSSA, OLoRA) must
-    still run."""
+    still run. If the body raises (a failed load, whose caller removes the new adapter layers), nothing is
+    materialised: a config whose sizes disagree with its checkpoint must not allocate the config's sizes."""
     pending: dict[int, tuple[torch.Tensor, torch.device]] = {}
     token = _PENDING.set(pending)
     try:
         yield
+    except BaseException:
+        pending.clear()
+        raise
     finally:
         _PENDING.reset(token)
         with torch.no_grad():

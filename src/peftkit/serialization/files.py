@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import itertools
 import json
+import math
 import os
+import re
+import reprlib
 import sys
 from typing import Any
 
@@ -104,42 +106,236 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
               "BOOL": torch.bool}
 
+#: bits per element of every dtype the ``safetensors`` library (0.8) knows; any other name is refused
+_ST_DTYPE_BITS = {"BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+                  "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+                  "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
+
+#: the library's limit on the header length (``MAX_HEADER_SIZE``)
+_MAX_HEADER = 100_000_000
+#: the library's JSON parser (serde_json) refuses documents nested 128 arrays/objects deep or more
+_MAX_DEPTH = 127
+#: every size and offset in a header is a Rust ``usize``
+_USIZE_END = 2**64
+_FIELDS = ("dtype", "shape", "data_offsets")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist = 80, 80, 8
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, cut short: header values in messages can be megabytes long."""
+    return _REPR.repr(value)
+
+
+class _Malformed(Exception):
+    """A header the ``safetensors`` library refuses; the message says why."""
+
+
+class _Object(list):  # type: ignore[type-arg]
+    """A JSON object as its ``(key, value)`` pairs in file order, duplicates kept (``object_pairs_hook``)."""
+
 
 def _read_whole_file(path: str) -> dict[str, torch.Tensor] | None:
     """Read a little-endian safetensors file straight into one fresh tensor per entry (``readinto``: one copy, no
-    memory map, no storage shared between tensors). None when the file is anything but plain and consistent
-    (unknown dtype, overlapping or out-of-range offsets, a short read, a big-endian host): ``load_file`` then reads
-    it and reports errors."""
+    memory map, no storage shared between tensors).
+
+    The header is validated as the ``safetensors`` library validates it (:func:`_parse_header`); a file it refuses
+    raises :class:`AdapterLoadError` naming the file and the problem. None when the file is valid but not plain
+    (a dtype torch reads only through the library, a tensor torch cannot allocate, a short read, a big-endian
+    host): ``load_file`` then reads it."""
     if sys.byteorder != "little":
         return None
     size = os.path.getsize(path)
     with open(path, "rb", buffering=0) as f:
-        head = f.read(8)
-        if len(head) != 8:
-            return None
-        start = 8 + int.from_bytes(head, "little")
-        if start > size:
+        try:
+            start, specs = _parse_header(f, size)
+        except _Malformed as exc:
+            raise AdapterLoadError(f"cannot read adapter weights {path!r} (truncated or corrupt?): {exc}") from None
+        if any(dtype not in _ST_DTYPES for dtype, _, _ in specs.values()):
             return None
         try:
-            header = json.loads(f.read(start - 8))
-        except ValueError:
+            tensors = {key: torch.empty(shape, dtype=_ST_DTYPES[dtype]) for key, (dtype, shape, _) in specs.items()}
+        except (RuntimeError, ValueError, TypeError, OverflowError):  # e.g. (0, 2**32, 2**32): strides overflow
             return None
-        if not isinstance(header, dict):
-            return None
-        specs = {}
-        for key, info in header.items():
-            if key != "__metadata__":
-                spec = _tensor_spec(info, size - start)
-                if spec is None:
-                    return None
-                specs[key] = spec
-        spans = sorted((begin, end) for _, _, begin, end in specs.values())
-        if any(a[1] > b[0] for a, b in itertools.pairwise(spans)) or (spans[-1][1] if spans else 0) != size - start:
-            return None
-        tensors = {key: torch.empty(shape, dtype=dtype) for key, (dtype, shape, _, _) in specs.items()}
         if not _read_into(f, start, [(specs[key][2], tensor) for key, tensor in tensors.items()]):
             return None
     return tensors
+
+
+def _parse_header(f: io.FileIO, size: int) -> tuple[int, dict[str, tuple[str, list[int], int]]]:
+    """``(data start, {name: (dtype name, shape, begin)})`` of the file ``f`` of ``size`` bytes, checked as the
+    library checks it: the header length is at most 100 MB and inside the file; the header is a UTF-8 JSON object
+    (nesting below 128, no NaN, numbers in range, no lone surrogate); ``__metadata__`` is null or str -> str; each
+    entry has a known dtype, a shape of non-negative ints and ``data_offsets`` ``[begin, end]``; sorted, the
+    entries tile the data section from 0 to its end without gaps or overlaps, each ``end - begin`` being
+    ``numel * itemsize``. Also refused (the library keeps the last): one tensor named twice."""
+    head = f.read(8)
+    if len(head) != 8:
+        raise _Malformed(f"the file has {size} bytes, fewer than the 8-byte header length")
+    length = int.from_bytes(head, "little")
+    if length > _MAX_HEADER:
+        raise _Malformed(f"header length {length} exceeds the limit of {_MAX_HEADER} bytes")
+    if 8 + length > size:
+        raise _Malformed(f"header length {length} runs past the end of the file ({size} bytes)")
+    raw = f.read(length)
+    while len(raw) < length:  # FileIO.read is one system call: it may stop short
+        more = f.read(length - len(raw))
+        if not more:
+            raise _Malformed(f"the file ended inside its {length}-byte header")
+        raw += more
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _Malformed(f"the header is not UTF-8: {exc}") from None
+    header = _parse_json(text)
+    if not isinstance(header, _Object):
+        raise _Malformed("the header is not a JSON object")
+    specs: dict[str, tuple[str, list[int], int]] = {}
+    spans: list[tuple[int, int, str]] = []
+    seen_metadata = False
+    for key, value in header:
+        if key == "__metadata__":
+            if seen_metadata:
+                raise _Malformed("'__metadata__' appears more than once")
+            seen_metadata = True
+            if value is not None and not (isinstance(value, _Object) and all(isinstance(v, str) for _, v in value)):
+                raise _Malformed(f"'__metadata__' must be null or an object of strings, not {_short(value)}")
+            continue
+        if key in specs:
+            raise _Malformed(f"tensor {_short(key)} appears more than once")
+        dtype, shape, begin, end = _tensor_entry(key, value)
+        specs[key] = (dtype, shape, begin)
+        spans.append((begin, end, key))
+    _check_spans(spans, specs, size - 8 - length)
+    return 8 + length, specs
+
+
+def _parse_json(text: str) -> object:
+    """``text`` parsed as serde_json would accept it, objects as :class:`_Object`. Nesting is bounded by
+    Python's recursion limit here (``RecursionError`` is refused) and checked exactly where a header can nest
+    (:func:`_tensor_entry`)."""
+    hooks: dict[str, Any] = {"object_pairs_hook": _Object, "parse_constant": _no_constant,
+                             "parse_float": _finite_float}
+    if "-0" in text:  # serde reads "-0" as a float, never as a size: keep negative literals negative
+        hooks["parse_int"] = _unsigned_int
+    try:
+        value = json.loads(text, **hooks)
+    except (ValueError, RecursionError) as exc:
+        raise _Malformed(f"the header is not valid JSON: {exc}") from None
+    if "\\u" in text and _has_lone_surrogate(value):
+        raise _Malformed("the header's JSON holds a lone UTF-16 surrogate escape")
+    return value
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether the JSON ``value`` nests arrays/objects more than ``limit`` levels (a scalar is 0 deep); stops
+    descending at ``limit``."""
+    if not isinstance(value, list):
+        return False
+    if limit <= 0:
+        return True
+    items = (v for _, v in value) if isinstance(value, _Object) else iter(value)
+    return any(_deeper_than(v, limit - 1) for v in items)
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if math.isinf(value):
+        raise ValueError(f"number out of range: {literal}")
+    return value
+
+
+def _unsigned_int(literal: str) -> int:
+    """serde_json reads ``-0`` as a float and other negatives as ``i64``: neither is a size, so -1 stands in."""
+    return -1 if literal.startswith("-") else int(literal)
+
+
+def _has_lone_surrogate(value: object) -> bool:
+    """Whether a string anywhere in the parsed ``value`` holds an unpaired surrogate (paired escapes decode to one
+    astral character; raw UTF-8 cannot encode surrogates). Iterative: ``value`` may nest deeply."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item) is not None:
+                return True
+        elif isinstance(item, _Object):
+            stack.extend(k for pair in item for k in pair)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _tensor_entry(key: str, info: object) -> tuple[str, list[int], int, int]:
+    """``(dtype name, shape, begin, end)`` of the header entry ``key``: an object with ``dtype``, ``shape``,
+    ``data_offsets`` (other fields ignored; each of these at most once) or, as serde also accepts, the list of
+    those three values."""
+    if isinstance(info, _Object):
+        fields: dict[str, object] = {}
+        for name, value in info:
+            if name in _FIELDS:
+                if name in fields:
+                    raise _Malformed(f"tensor {_short(key)}: field {_short(name)} appears more than once")
+                fields[name] = value
+            elif _deeper_than(value, _MAX_DEPTH - 2):  # the header object and this entry hold the field
+                raise _Malformed(f"tensor {_short(key)}: field {_short(name)} nests JSON more than {_MAX_DEPTH} levels deep")
+        missing = [name for name in _FIELDS if name not in fields]
+        if missing:
+            raise _Malformed(f"tensor {_short(key)}: missing field {missing[0]!r}")
+        dtype, shape, offsets = fields["dtype"], fields["shape"], fields["data_offsets"]
+    elif isinstance(info, list) and len(info) == 3:
+        dtype, shape, offsets = info
+    else:
+        raise _Malformed(f"tensor {_short(key)}: entry must be an object with {list(_FIELDS)}, not {_short(info)}")
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPE_BITS:
+        raise _Malformed(f"tensor {_short(key)}: dtype {_short(dtype)} is not one of {sorted(_ST_DTYPE_BITS)}")
+    if not _is_usizes(shape):
+        raise _Malformed(f"tensor {_short(key)}: shape {_short(shape)} must be a list of non-negative integers")
+    if not _is_usizes(offsets) or len(offsets) != 2:  # type: ignore[arg-type]
+        raise _Malformed(f"tensor {_short(key)}: data_offsets {_short(offsets)} must be [begin, end], non-negative integers")
+    return dtype, shape, offsets[0], offsets[1]  # type: ignore[index,return-value]
+
+
+def _is_usizes(value: object) -> bool:
+    """Whether ``value`` is a JSON array of integers that fit a ``usize`` (``bool`` is not an integer here)."""
+    if type(value) is not list:
+        return False
+    for v in value:
+        if type(v) is not int or not 0 <= v < _USIZE_END:
+            return False
+    return True
+
+
+def _check_spans(spans: list[tuple[int, int, str]], specs: dict[str, tuple[str, list[int], int]], data_len: int) -> None:
+    """The ``(begin, end, name)`` spans, sorted, tile ``[0, data_len)`` exactly, and each spans ``numel`` elements
+    of its dtype (products checked for ``usize`` overflow at every step, as the library does)."""
+    position = 0
+    for begin, end, key in sorted(spans):
+        if begin != position or end < begin:
+            what = "a gap before it" if begin > position else "it overlaps another tensor"
+            raise _Malformed(f"tensor {_short(key)}: invalid data_offsets [{begin}, {end}] ({what}; expected begin {position})")
+        position = end
+        dtype, shape, _ = specs[key]
+        numel = 1
+        for d in shape:
+            numel *= d
+            if numel >= _USIZE_END:
+                raise _Malformed(f"tensor {_short(key)}: shape {_short(shape)} overflows a 64-bit element count")
+        bits = numel * _ST_DTYPE_BITS[dtype]
+        if bits >= _USIZE_END:
+            raise _Malformed(f"tensor {_short(key)}: shape {_short(shape)} overflows a 64-bit bit count")
+        if bits % 8:
+            raise _Malformed(f"tensor {_short(key)}: {numel} elements of {dtype} do not fill whole bytes")
+        if end - begin != bits // 8:
+            raise _Malformed(f"tensor {_short(key)}: data_offsets [{begin}, {end}] span {end - begin} bytes, but shape "
+                             f"{_short(shape)} of {dtype} needs {bits // 8}")
+    if position != data_len:
+        raise _Malformed(f"the tensors cover {position} bytes of the {data_len}-byte data section")
 
 
 #: buffers per ``preadv`` call (Linux's IOV_MAX is 1024)
@@ -179,25 +375,6 @@ def _advance(views: list[memoryview], count: int) -> list[memoryview]:
             return [view[count:], *views[i + 1:]]
         count -= len(view)
     return []
-
-
-def _tensor_spec(info: object, data_len: int) -> tuple[torch.dtype, list[int], int, int] | None:
-    """``(dtype, shape, begin, end)`` of one header entry, None if it is malformed or out of range."""
-    if not isinstance(info, dict):
-        return None
-    dtype = _ST_DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
-    shape, offsets = info.get("shape"), info.get("data_offsets")
-    if dtype is None or not isinstance(shape, list) or not isinstance(offsets, list) or len(offsets) != 2:
-        return None
-    if not all(isinstance(d, int) and d >= 0 for d in shape) or not all(isinstance(o, int) for o in offsets):
-        return None
-    begin, end = offsets
-    numel = 1
-    for d in shape:
-        numel *= d
-    if not 0 <= begin <= end <= data_len or end - begin != numel * dtype.itemsize:
-        return None
-    return dtype, shape, begin, end
 
 
 def _read_bin(path: str, device: str | torch.device) -> dict[str, torch.Tensor]:

@@ -352,6 +352,25 @@ def set_peft_model_state_dict(
         raise
 
 
+def check_state_dict_shapes(
+    model: nn.Module,
+    peft_model_state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    key_mapping: dict[str, str] | None = None,
+) -> None:
+    """Run :func:`set_peft_model_state_dict`'s checks (shapes, keys) without writing anything: raises
+    :class:`ShapeMismatchError` / :class:`AdapterLoadError` as the load would. For a probe adapter whose tensors
+    are on the meta device, so that a config disagreeing with its checkpoint fails before its sizes are allocated;
+    the probe (and any ``prepare_load`` change to it) is the caller's to remove."""
+    model = _unwrap_compiled(model)
+    state, undo = _wrap_suffix_matched(model, peft_model_state_dict, adapter_name, key_mapping)
+    try:
+        _load_state_dict(model, state, adapter_name, ignore_mismatched_sizes, False, key_mapping, check_only=True)
+    finally:
+        undo()
+
+
 def _suffix_only_targets(model: nn.Module, adapter_name: str) -> list[tuple[str, str, str, nn.Module]]:
     """``(in-memory path, checkpoint path, checkpoint key prefix, module)`` of the modules that the reference's
     plain-suffix rule wraps for the ``modules_to_save`` of ``adapter_name`` and peftkit does not
@@ -470,8 +489,10 @@ def _load_state_dict(
     low_cpu_mem_usage: bool = False,
     key_mapping: dict[str, str] | None = None,
     assign: bool = False,
+    check_only: bool = False,
 ) -> _IncompatibleKeys:
     """Load checkpoint tensors into adapter ``adapter_name``; returns ``(missing_keys, unexpected_keys)``.
+    ``check_only``: stop after the checks, writing nothing (:func:`check_state_dict_shapes`).
 
     Keys may carry the ``base_model.model.`` prefix or not, whatever ``model`` is. Every shape is checked before
     anything is written: a mismatch raises :class:`ShapeMismatchError` (or, with ``ignore_mismatched_sizes``, the
@@ -531,6 +552,8 @@ def _load_state_dict(
             f"(e.g. {incoming[sample]!r}; closest model keys: {closest_names(sample, expected)}). The checkpoint was "
             "probably made for a different model or module naming; pass key_mapping to translate its keys."
         )
+    if check_only:
+        return _IncompatibleKeys(missing_keys=[], unexpected_keys=unexpected)
     _warn_non_finite(loaded, [value for _, value in plan], adapter_name)
     _copy(plan, assign)
     present = set(incoming) - skipped

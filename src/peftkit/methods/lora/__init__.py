@@ -147,6 +147,7 @@ LORA = register_method(
         non_identity_kwargs={"init_lora_weights": False},
         combine=add_weighted_adapter,
         convert_for_save=convert_to_lora,
+        init_changes_base=lambda config: uses_base_weight(getattr(config, "init_lora_weights", True)),
     )
 )
 

@@ -1,0 +1,87 @@
+"""A config whose ``r`` disagrees with its checkpoint (issue 16, item 6) fails with a typed error before the adapter
+tensors of the config's size are allocated, for inference and trainable loads alike, and leaves the model as it was.
+
+Each case runs in a fresh interpreter so that peak RSS (``ru_maxrss``) measures that load alone. ``r=10**6`` on two
+32-wide ``q_proj`` layers asks for ~512 MB of float32 adapter tensors; the limit below is far under that and far over
+what the failed load itself needs (the tiny model, the r=4 checkpoint, Python objects).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ABSURD_R = 10**6
+LIMIT_MB = 200
+
+_SCRIPT = r"""
+import json, resource, sys
+import torch
+sys.path.insert(0, {tests!r})
+from models import tiny_llama
+from peftkit import LoraConfig, PeftModel, get_peft_model
+from peftkit.errors import AdapterLoadError, ShapeMismatchError
+
+entry, trainable, adapter_dir = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
+if entry == "from_pretrained":
+    model = tiny_llama()
+    before = {{k: v.clone() for k, v in model.state_dict().items()}}
+else:
+    model = get_peft_model(tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    before = {{k: v.clone() for k, v in model.state_dict().items()}}
+modules = [name for name, _ in model.named_modules()]
+grads = [(n, p.requires_grad) for n, p in model.named_parameters()]
+start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    if entry == "from_pretrained":
+        PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+    else:
+        model.load_adapter(adapter_dir, "other", is_trainable=trainable)
+    error = None
+except (ShapeMismatchError, AdapterLoadError) as exc:
+    error = type(exc).__name__
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = model.state_dict()
+unchanged = (list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+             and [name for name, _ in model.named_modules()] == modules
+             and [(n, p.requires_grad) for n, p in model.named_parameters()] == grads)
+if entry == "load_adapter":
+    unchanged = unchanged and list(model.peft_config) == ["default"]
+print(json.dumps({{"error": error, "grown_mb": (peak - start) / 1024, "unchanged": unchanged}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def absurd_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An r=4 LoRA checkpoint of ``tiny_llama``'s ``q_proj`` layers whose config claims ``r=ABSURD_R``."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models import tiny_llama
+
+    from peftkit import LoraConfig, get_peft_model
+
+    path = tmp_path_factory.mktemp("absurd_r")
+    get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(path)
+    config_file = path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["r"] = ABSURD_R
+    config_file.write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("trainable", [False, True], ids=["inference", "trainable"])
+@pytest.mark.parametrize("entry", ["from_pretrained", "load_adapter"])
+def test_absurd_rank_fails_before_allocating(absurd_adapter: Path, entry: str, trainable: bool) -> None:
+    script = _SCRIPT.format(tests=str(Path(__file__).parent))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, entry, "1" if trainable else "0", str(absurd_adapter)],
+                          capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["error"] == "ShapeMismatchError", result
+    assert result["grown_mb"] < LIMIT_MB, result
+    assert result["unchanged"], result
