@@ -47,6 +47,7 @@ except (ShapeMismatchError, AdapterLoadError) as exc:
     error = type(exc).__name__
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 after = model.state_dict()
+# nothing may have been written: the very same tensors, compared exactly
 unchanged = (list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
              and [name for name, _ in model.named_modules()] == modules
              and [(n, p.requires_grad) for n, p in model.named_parameters()] == grads)

@@ -17,6 +17,7 @@ import peft
 import pytest
 import torch
 from models import MLP, Conv1dModel, Conv2dModel
+from numerics import TINY_MODEL_REDUCTION, fp_tol
 
 import peftkit
 from peftkit import get_peft_model
@@ -415,8 +416,9 @@ def test_auto_peft_model_dispatches_a_task_adapter_where_the_reference_raises(tm
     assert type(loaded) is peftkit.PeftModelForCausalLM
     assert type(loaded.get_base_model()).__name__ == "LlamaForCausalLM"
     inputs = causal_lm_inputs(2)
-    with torch.no_grad():  # the same modules and weights on the same data
-        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, atol=0, rtol=0)
+    with torch.no_grad():  # two model instances (buffers at other addresses, the first call builds the plan)
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits,
+                                   **fp_tol(torch.float32, TINY_MODEL_REDUCTION))
 
 
 def test_auto_peft_model_for_causal_lm_loads_an_adapter_without_task_type_as_the_reference(tmp_path) -> None:

@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from models import tiny_llama
+from numerics import TINY_MODEL_REDUCTION, fp_tol
 from torch import nn
 
 import peftkit
@@ -340,7 +341,8 @@ def test_save_pretrained_works_when_get_input_embeddings_raises(build, targets, 
     model.save_pretrained(tmp_path)
     loaded = peftkit.PeftModel.from_pretrained(build(), tmp_path)
     with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, expected, rtol=0, atol=0)  # same kernels, same data
+        # another model instance built from the file: the same math, tensors at other addresses
+        torch.testing.assert_close(loaded(**batch).logits, expected, **fp_tol(torch.float32, TINY_MODEL_REDUCTION))
     with pytest.warns(peftkit.PeftWarning, match="embedding"):
         model.save_pretrained(tmp_path / "with_embeddings", save_embedding_layers=True)
     assert set(peftkit.load_peft_weights(tmp_path / "with_embeddings")) == set(peftkit.load_peft_weights(tmp_path))
@@ -375,7 +377,8 @@ def test_inject_adapter_in_model_low_cpu_mem_usage_leaves_adapters_on_meta(metho
     assert not [n for n, p in ours.named_parameters() if p.is_meta or p.device.type != "cpu"]
     ids = torch.arange(3, 11).reshape(1, 8)
     with torch.no_grad():
-        torch.testing.assert_close(ours(ids).logits, source(ids).logits, rtol=0, atol=0)  # same weights and kernels
+        # two instances with the same weights (one loaded from meta): the same math, tensors at other addresses
+        torch.testing.assert_close(ours(ids).logits, source(ids).logits, **fp_tol(torch.float32, TINY_MODEL_REDUCTION))
 
 
 # ---------------------------------------------------------------------------------------------- builtin error types

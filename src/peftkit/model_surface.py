@@ -27,6 +27,8 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.module import _IncompatibleKeys
 
+from .module_utils import model_embedding
+
 _KW = inspect.Parameter.KEYWORD_ONLY
 
 
@@ -164,9 +166,8 @@ def enable_input_grads(model: nn.Module) -> bool:
             pass
         else:
             return bool(getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None))
-    get_embeddings: Callable[[], Any] | None = getattr(model, "get_input_embeddings", None)
-    embeddings = get_embeddings() if callable(get_embeddings) else None
-    if not isinstance(embeddings, nn.Module):
+    embeddings = model_embedding(model, "get_input_embeddings")
+    if embeddings is None:
         return False
     model._require_grads_hooks = [embeddings.register_forward_hook(_make_output_require_grad)]
     return True

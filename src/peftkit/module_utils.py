@@ -157,3 +157,15 @@ def gc_paused() -> Iterator[None]:
     finally:
         if enabled:
             gc.enable()
+
+
+def model_embedding(model: nn.Module, getter: str) -> nn.Module | None:
+    """``model.<getter>()`` (``"get_input_embeddings"`` / ``"get_output_embeddings"``) when it is a module; None
+    when the method is missing, returns something else or raises (transformers 5 raises ``NotImplementedError``
+    for models without token embeddings: ConvNeXt, Wav2Vec2, CLIP)."""
+    method = getattr(model, getter, None)
+    try:
+        module = method() if callable(method) else None
+    except (AttributeError, NotImplementedError):
+        return None
+    return module if isinstance(module, nn.Module) else None

@@ -18,7 +18,7 @@ from ..errors import NoMatchingPeftModuleError, PeftRuntimeWarning, PeftWarning,
 from ..layers.base import AdapterLayer
 from ..layers.dispatch import is_linear_like
 from ..layers.modules_to_save import ModulesToSaveWrapper
-from ..module_utils import walk_modules
+from ..module_utils import model_embedding, walk_modules
 from ..registry import MethodSpec
 from .match import ALL_LINEAR, in_layers, inside_any, matches
 
@@ -161,10 +161,7 @@ def _resolve_targets(
 def _all_linear(model: nn.Module, config: PeftConfig, modules: list[tuple[str, nn.Module]]) -> set[str]:
     """Full names of every linear layer except the output head (or the classification head for SEQ_CLS)."""
     names = {name for name, module in modules if is_linear_like(module)}
-    head = None
-    get_output = getattr(model, "get_output_embeddings", None)
-    if callable(get_output):
-        head = get_output()
+    head = model_embedding(model, "get_output_embeddings")
     if head is None and str(config.task_type) == "SEQ_CLS":
         head = next((getattr(model, n) for n in SEQ_CLS_HEADS if isinstance(getattr(model, n, None), nn.Module)), None)
     if head is not None:
@@ -276,12 +273,7 @@ def _warn_fan_in_fan_out(config: PeftConfig, layers: list[LayerPlan]) -> None:
 
 def _tied_embeddings(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """``(input embeddings, output embeddings)`` when the model ties their weights, else None."""
-    try:
-        get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
-        emb_in = get_in() if callable(get_in) else None
-        emb_out = get_out() if callable(get_out) else None
-    except (NotImplementedError, AttributeError):  # models without embeddings (vision, audio) raise
-        return None
+    emb_in, emb_out = model_embedding(model, "get_input_embeddings"), model_embedding(model, "get_output_embeddings")
     w_in, w_out = getattr(emb_in, "weight", None), getattr(emb_out, "weight", None)
     if isinstance(w_in, nn.Parameter) and w_in is w_out:
         return emb_in, emb_out

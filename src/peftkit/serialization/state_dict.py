@@ -21,7 +21,7 @@ from ..injection.apply import adopt, mark_loaded
 from ..layers.base import AdapterLayer
 from ..layers.modules_to_save import ModulesToSaveWrapper
 from ..layers.prompt import PromptEncoderDict
-from ..module_utils import walk_modules
+from ..module_utils import model_embedding, walk_modules
 from ..registry import get_method
 
 WRAPPER_PREFIX = "base_model.model."
@@ -229,7 +229,7 @@ def embedding_modules(model: nn.Module) -> list[nn.Module]:
     None or raises (``NotImplementedError`` in transformers 5 for models without token embeddings) adds nothing."""
     found: list[nn.Module] = []
     for getter in ("get_input_embeddings", "get_output_embeddings"):
-        module = _embedding(model, getter)
+        module = model_embedding(model, getter)
         if module is not None and all(module is not m for m in found):
             found.append(module)
     return found
@@ -237,16 +237,7 @@ def embedding_modules(model: nn.Module) -> list[nn.Module]:
 
 def input_embedding(model: nn.Module) -> nn.Module | None:
     """``model.get_input_embeddings()``, or None when the method is missing, returns None or raises."""
-    return _embedding(model, "get_input_embeddings")
-
-
-def _embedding(model: nn.Module, getter: str) -> nn.Module | None:
-    method = getattr(model, getter, None)
-    try:
-        module = method() if callable(method) else None
-    except (AttributeError, NotImplementedError):  # transformers 5: "not auto-handled for ConvNextModel"
-        return None
-    return module if isinstance(module, nn.Module) else None
+    return model_embedding(model, "get_input_embeddings")
 
 
 def get_peft_model_state_dict(

@@ -23,6 +23,7 @@ from ...injection.apply import AppliedPlan, apply_plan, rollback, set_submodule
 from ...injection.plan import plan_modules_to_save
 from ...layers.modules_to_save import ModulesToSaveWrapper
 from ...layers.prompt import PromptEncoderDict, VirtualTokenEncoder
+from ...module_utils import model_embedding
 from ...registry import MethodSpec, get_method
 from ...tuner_base import BaseTuner
 from .config import PromptLearningConfig, resolve_prompt_config
@@ -36,12 +37,9 @@ def find_word_embeddings(model: nn.Module) -> nn.Module | None:
     module owning the first parameter whose first dimension is the vocabulary size (the reference's search)."""
     with contextlib.suppress(AttributeError):
         return model.get_submodule("embeddings.word_embeddings")
-    getter = getattr(model, "get_input_embeddings", None)
-    if callable(getter):
-        with contextlib.suppress(NotImplementedError, AttributeError):
-            found = getter()
-            if isinstance(found, nn.Module):
-                return found
+    found = model_embedding(model, "get_input_embeddings")
+    if found is not None:
+        return found
     config = getattr(model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     vocab = getattr(text, "vocab_size", None)
