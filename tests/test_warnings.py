@@ -107,7 +107,7 @@ CASES: list[tuple[str, Callable[[Any], Any], type[Warning], str]] = [
      r"revision 'v1'.*'v2' overrides it"),
     ("pissa-next-to-another-adapter",
      lambda lib: lib.get_peft_model(MLP(), _lora(lib, init_lora_weights="pissa")).add_adapter("b", _lora(lib)),
-     UserWarning, r"PiSSA changes the base weights of the model and should thus not be used with other adapters"),
+     UserWarning, r"'pissa' \(PiSSA/OLoRA\) changes the base weights of the model and should thus not be used with other"),
 ]
 IDS = [case[0] for case in CASES]
 #: cases where the reference's warning needs another path to trigger

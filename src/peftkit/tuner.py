@@ -405,18 +405,17 @@ def _warn_additional_merge(layers: list[AdapterLayer], names: Sequence[str]) -> 
 
 
 def _warn_base_weight_init_with_others(configs: dict[str, PeftConfig], new: PeftConfig, new_name: str) -> None:
-    """As the reference's ``PeftModel.add_adapter``: PiSSA/OLoRA rewrite the base weights, so they should not be
-    combined with other adapters on the same model."""
+    """As the reference's ``PeftModel.add_adapter``: an init that rewrites the base weights (LoRA's PiSSA / OLoRA,
+    ``MethodSpec.init_changes_base``) should not be combined with other adapters on the same model."""
     if not configs:
         return
     for config in (*configs.values(), new):
-        init = getattr(config, "init_lora_weights", None)
-        if isinstance(init, str) and (init.lower().startswith("pissa") or init.lower() == "olora"):
-            kind = "PiSSA" if init.lower().startswith("pissa") else "OLoRA"
-            warnings.warn(f"{kind} changes the base weights of the model and should thus not be used with other "
-                          f"adapters (adding {new_name!r} next to {sorted(configs)}). Consider converting the {kind} "
-                          "adapter into a normal LoRA adapter: save_pretrained(path_initial_model_for_weight_"
-                          "conversion=...).", PeftWarning, stacklevel=5)
+        if get_method(str(config.peft_type)).init_changes_base(config):
+            init = getattr(config, "init_lora_weights", None)
+            warnings.warn(f"init_lora_weights={init!r} (PiSSA/OLoRA) changes the base weights of the model and should "
+                          f"thus not be used with other adapters (adding {new_name!r} next to {sorted(configs)}). "
+                          "Consider converting that adapter into a normal LoRA adapter: save_pretrained("
+                          "path_initial_model_for_weight_conversion=...).", PeftWarning, stacklevel=5)
             return
 
 
