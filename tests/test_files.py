@@ -109,7 +109,9 @@ def test_safetensors_metadata_and_keys(tmp_path):
     pm.save_pretrained(tmp_path)
     path = tmp_path / "adapter_model.safetensors"
     with safe_open(str(path), framework="pt") as fh:
-        assert fh.metadata() == {"format": "pt"}
+        # "format": "pt" as the reference writes it, plus the config saved in the same transaction (the pairing check)
+        assert fh.metadata() == {"format": "pt",
+                                 "peftkit_adapter_config": (tmp_path / "adapter_config.json").read_text()}
         keys = set(fh.keys())
     assert keys == {
         f"base_model.model.model.layers.{i}.self_attn.{p}.lora_{ab}.weight"
@@ -379,8 +381,10 @@ def test_whole_file_read_equals_safetensors(tmp_path, monkeypatch, mode):
         monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: calls.append(off) or real(fd, _first_bytes(bufs, 9), off))
     elif mode == "no_preadv" and real is not None:
         monkeypatch.delattr(os, "preadv")
-    loaded = files_module._read_whole_file(path)
-    assert loaded is not None and loaded.keys() == tensors.keys()
+    read = files_module._read_whole_file(path)
+    assert read is not None
+    loaded = read[0]
+    assert loaded.keys() == tensors.keys()
     for key, tensor in tensors.items():
         assert loaded[key].dtype == tensor.dtype and torch.equal(loaded[key], tensor)
     storages = {t.untyped_storage().data_ptr() for t in loaded.values() if t.numel()}

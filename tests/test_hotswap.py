@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 
 from peftkit import (
     AdapterLoadError,
+    AdapterMismatchError,
     AdapterNotFoundError,
     ConfigError,
     LoraConfig,
@@ -359,8 +360,11 @@ def test_unknown_adapter_merged_adapter_and_other_errors(tmp_path):
     data["r"] = 2
     with open(config_path, "w", encoding="utf-8") as fh:
         json.dump(data, fh)
-    with pytest.raises(AdapterLoadError, match="r=2"):
-        hotswap_adapter(model, path_b, "default")
+    with pytest.raises(AdapterMismatchError, match="r: 2 in adapter_config.json but 4 with the weights"):
+        hotswap_adapter(model, path_b, "default")  # the files disagree: caught before hotswap's own checks
+    with pytest.raises(AdapterLoadError, match="r=2"):  # hotswap's check of a config against tensors
+        hotswap_adapter_from_state_dict(model, load_file(os.path.join(path_b, "adapter_model.safetensors")),
+                                        "default", LoraConfig.from_pretrained(path_b))
 
     model.merge_adapter()
     merged_output = _output(model, case)

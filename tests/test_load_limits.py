@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, {tests!r})
 from models import tiny_llama
 from peftkit import LoraConfig, PeftModel, get_peft_model
-from peftkit.errors import AdapterLoadError, ShapeMismatchError
+from peftkit.errors import AdapterLoadError, ShapeMismatchError  # AdapterMismatchError is an AdapterLoadError
 
 entry, trainable, adapter_dir = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
 if entry == "from_pretrained":
@@ -57,32 +57,40 @@ print(json.dumps({{"error": error, "grown_mb": (peak - start) / 1024, "unchanged
 """
 
 
-@pytest.fixture(scope="module")
-def absurd_adapter(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An r=4 LoRA checkpoint of ``tiny_llama``'s ``q_proj`` layers whose config claims ``r=ABSURD_R``."""
+@pytest.fixture(scope="module", params=["other-writer", "peftkit"])
+def absurd_adapter(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """An r=4 LoRA checkpoint of ``tiny_llama``'s ``q_proj`` layers whose config claims ``r=ABSURD_R``, and the
+    error its load must raise. "peftkit": the weights keep the config they were saved with, so the edited config
+    is a mismatch (``AdapterMismatchError``); "other-writer": weights without it (as the reference writes them),
+    so only the shape check can catch it (``ShapeMismatchError``)."""
     sys.path.insert(0, str(Path(__file__).parent))
     from models import tiny_llama
+    from safetensors.torch import load_file, save_file
 
     from peftkit import LoraConfig, get_peft_model
 
     path = tmp_path_factory.mktemp("absurd_r")
     get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(path)
+    if request.param == "other-writer":
+        weights = str(path / "adapter_model.safetensors")
+        save_file(load_file(weights), weights, metadata={"format": "pt"})
     config_file = path / "adapter_config.json"
     config = json.loads(config_file.read_text())
     config["r"] = ABSURD_R
     config_file.write_text(json.dumps(config))
-    return path
+    return path, "ShapeMismatchError" if request.param == "other-writer" else "AdapterMismatchError"
 
 
 @pytest.mark.parametrize("trainable", [False, True], ids=["inference", "trainable"])
 @pytest.mark.parametrize("entry", ["from_pretrained", "load_adapter"])
-def test_absurd_rank_fails_before_allocating(absurd_adapter: Path, entry: str, trainable: bool) -> None:
+def test_absurd_rank_fails_before_allocating(absurd_adapter: tuple[Path, str], entry: str, trainable: bool) -> None:
+    adapter_dir, expected = absurd_adapter
     script = _SCRIPT.format(tests=str(Path(__file__).parent))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-c", script, entry, "1" if trainable else "0", str(absurd_adapter)],
+    proc = subprocess.run([sys.executable, "-c", script, entry, "1" if trainable else "0", str(adapter_dir)],
                           capture_output=True, text=True, timeout=300, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["error"] == "ShapeMismatchError", result
+    assert result["error"] == expected, result
     assert result["grown_mb"] < LIMIT_MB, result
     assert result["unchanged"], result

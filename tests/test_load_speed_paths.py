@@ -156,15 +156,17 @@ def test_inference_load_adopts_the_read_tensors(saved: str, monkeypatch: pytest.
     still trainable leaves."""
     from safetensors.torch import save_file
 
-    import peftkit.peft_model as peft_model_module
+    import peftkit.serialization.files as files_module
 
     read: dict[str, torch.Tensor] = {}
+    real = files_module._load_weights
 
-    def capture(*args: object, **kwargs: object) -> dict[str, torch.Tensor]:
-        read.update(load_peft_weights(*args, **kwargs))  # type: ignore[arg-type]
-        return read
+    def capture(*args: object, **kwargs: object) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        tensors, metadata = real(*args, **kwargs)  # type: ignore[arg-type]
+        read.update(tensors)
+        return tensors, metadata
 
-    monkeypatch.setattr(peft_model_module, "load_peft_weights", capture)
+    monkeypatch.setattr(files_module, "_load_weights", capture)
     model = PeftModel.from_pretrained(_mlp(), saved, is_trainable=True)
     weight = model.base_model.model.lin0.lora_A["default"].weight
     assert weight.data_ptr() == read["base_model.model.lin0.lora_A.weight"].data_ptr()

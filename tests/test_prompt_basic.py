@@ -18,6 +18,7 @@ import pytest
 import torch
 from models import tiny_bert, tiny_gpt2, tiny_llama, tiny_t5, tiny_tokenizer
 from safetensors.torch import load_file
+from saved_files import drop_saved_config
 from torch import nn
 
 import peftkit
@@ -446,6 +447,10 @@ def test_failed_load_leaves_the_model_unchanged(tmp_path: Path) -> None:
     config_file = tmp_path / "adapter_config.json"
     config_file.write_text(config_file.read_text().replace('"num_virtual_tokens": 3', '"num_virtual_tokens": 4'))
     model = get_peft_model(tiny_llama(), PROMPT_KINDS["prefix"](task_type="CAUSAL_LM"))
+    with pytest.raises(peftkit.AdapterMismatchError, match="num_virtual_tokens: 4 in adapter_config.json but 3"):
+        model.load_adapter(tmp_path, "broken")
+    assert list(model.peft_config) == ["default"] and list(model.base_model.prompt_encoder) == ["default"]
+    drop_saved_config(tmp_path)  # weights of another writer: the shape check catches it
     with pytest.raises(peftkit.ShapeMismatchError, match="prompt_embeddings"):
         model.load_adapter(tmp_path, "broken")
     assert list(model.peft_config) == ["default"] and list(model.base_model.prompt_encoder) == ["default"]

@@ -18,6 +18,7 @@ from .config import PEFTKIT_VERSION, PeftConfig
 from .errors import (
     AdapterExistsError,
     AdapterLoadError,
+    AdapterMismatchError,
     AdapterNotFoundError,
     ConfigError,
     MergeError,
@@ -86,6 +87,7 @@ __all__ = [
     "AdapterExistsError",
     "AdapterLayer",
     "AdapterLoadError",
+    "AdapterMismatchError",
     "AdapterNotFoundError",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",

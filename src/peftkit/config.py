@@ -14,12 +14,14 @@ import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from typing_extensions import Self
 
 from .errors import AdapterLoadError, ConfigError, ConfigTypeError, MissingPeftTypeError, PeftWarning
-from .fileio import atomic_write_text, resolve_file
+from .fileio import resolve_file
+from .transaction import replace_files
 from .types import PeftType, TaskType
 
 CONFIG_NAME = "adapter_config.json"
@@ -181,7 +183,8 @@ class PeftConfig:
         os.makedirs(save_directory, exist_ok=True)
         auto_mapping = kwargs.pop("auto_mapping_dict", None)
         config = self if auto_mapping is None else self.copy(auto_mapping=auto_mapping)
-        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), config.to_json_string())
+        text = config.to_json_string()
+        replace_files(save_directory, {CONFIG_NAME: lambda tmp: Path(tmp).write_text(text, encoding="utf-8")})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Self:

@@ -88,6 +88,11 @@ class MissingPeftTypeError(AdapterLoadError, TypeError, KeyError):
     __str__ = ValueError.__str__
 
 
+class AdapterMismatchError(AdapterLoadError):
+    """A directory's ``adapter_config.json`` and weights were written by different saves (the config saved with
+    the weights differs in a field that gives them their meaning)."""
+
+
 class ShapeMismatchError(AdapterLoadError, RuntimeError):
     """A checkpoint tensor's shape differs from the shape of the parameter it loads into (also a ``RuntimeError``,
     which the reference raises from ``load_state_dict``)."""

@@ -11,6 +11,7 @@ from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from .errors import AdapterLoadError, ConfigError
+from .transaction import recover
 
 #: Keyword arguments of ``hf_hub_download`` that callers may pass through ``**kwargs``.
 HUB_KWARGS = ("revision", "cache_dir", "token", "force_download", "local_files_only", "proxies", "repo_type")
@@ -107,6 +108,7 @@ def resolve_file(
     base = Path(path_or_id)
     local = base / subfolder / filename if subfolder else base / filename
     if base.is_dir():
+        recover(local.parent)  # finish a save that was killed after it committed
         return str(local) if local.is_file() else None
     if os.path.isabs(str(path_or_id)) or str(path_or_id).startswith((".", "~")):
         return None  # a local path that does not exist: never ask the Hub

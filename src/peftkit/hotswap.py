@@ -44,7 +44,7 @@ from .layers.base import AdapterLayer
 from .methods.lora.config import LoraConfig
 from .methods.lora.layers import LoraLayer, lora_scaling
 from .registry import get_method
-from .serialization.files import load_peft_weights
+from .serialization.files import read_adapter
 from .serialization.state_dict import WRAPPER_PREFIX, adapter_tensor_map
 
 _COMPILED_PREFIX = "_orig_mod."
@@ -499,7 +499,6 @@ def hotswap_adapter(
     unknown = sorted(k for k in kwargs if k not in allowed)
     if unknown:
         raise TypeError(f"hotswap_adapter() got unexpected keyword arguments {unknown}; allowed: {list(allowed)}")
-    config = PeftConfig.from_pretrained(model_name_or_path, **kwargs)
-    state_dict = load_peft_weights(model_name_or_path, device=torch_device, **kwargs)
+    config, state_dict = read_adapter(model_name_or_path, device=torch_device, **kwargs)
     prefix = get_method(str(config.peft_type)).prefix
     hotswap_adapter_from_state_dict(model, state_dict, adapter_name, config, parameter_prefix=prefix)  # type: ignore[arg-type]

@@ -47,7 +47,7 @@ from .model_surface import (
 )
 from .module_utils import gc_paused, parameter_grads, walk_modules
 from .registry import get_method
-from .serialization.files import load_peft_weights, save_weights
+from .serialization.files import read_adapter, save_adapter_files
 from .serialization.model_card import render_model_card, write_model_card
 from .serialization.state_dict import (
     check_state_dict_shapes,
@@ -272,7 +272,8 @@ class PeftModel(nn.Module):
         **kwargs: Any,
     ) -> None:
         """Write each adapter's ``adapter_config.json`` and weights: ``default`` at the root, others in
-        ``<dir>/<name>/``, plus a ``README.md`` model card. Every file is written atomically.
+        ``<dir>/<name>/``, plus a ``README.md`` model card. Each adapter's files replace the old ones all or
+        nothing, even if the process is killed (see :mod:`peftkit.transaction`); concurrent saves serialize.
 
         ``save_embedding_layers``: ``True`` also stores the full embedding matrices; ``"auto"`` does so only when
         the vocabulary size differs from the base model's saved config (the reference also does it whenever an
@@ -304,10 +305,10 @@ class PeftModel(nn.Module):
                 convert = get_method(config.peft_type).convert_for_save
                 assert convert is not None
                 config, tensors = convert(config, tensors, os.fspath(path_initial_model_for_weight_conversion))
-            save_weights(tensors, target, safe_serialization)
             if config.task_type is None and config.auto_mapping is None:
                 config = config.copy(auto_mapping=_auto_mapping(self.get_base_model()))
-            config.copy(inference_mode=True).save_pretrained(target)  # a saved adapter loads frozen (reference)
+            # a saved adapter loads frozen (as the reference); config and weights replace the old ones together
+            save_adapter_files(target, config.copy(inference_mode=True), tensors, safe_serialization)
         self.create_or_update_model_card(save_directory)
 
     def _save_embeddings(self, save_embedding_layers: bool | str) -> bool:
@@ -382,12 +383,10 @@ class PeftModel(nn.Module):
         check_adapter_name(adapter_name)  # before any file is read
         hub = _split_hub_kwargs(kwargs)
         torch_device = kwargs.pop("torch_device", None)
-        if config is None:
-            config = PeftConfig.from_pretrained(model_id, **hub)
-        elif not isinstance(config, PeftConfig):
+        if config is not None and not isinstance(config, PeftConfig):
             raise ConfigError("config", type(config).__name__, "allowed: a PeftConfig instance or None")
+        config, weights = read_adapter(model_id, config, device=torch_device, **hub)
         _check_trainable_load(config, is_trainable)
-        weights = load_peft_weights(model_id, device=torch_device, **hub)
         config = config.copy(inference_mode=not is_trainable)
         target_cls = cls if cls is not PeftModel else MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(config.task_type), cls)
         if key_mapping is None:
@@ -449,9 +448,9 @@ class PeftModel(nn.Module):
         hub = _split_hub_kwargs(kwargs)
         if adapter_name in self.peft_config:
             raise AdapterExistsError(f"Adapter with name {adapter_name!r} already exists.")
-        config = PeftConfig.from_pretrained(model_id, **hub).copy(inference_mode=not is_trainable)
+        config, weights = read_adapter(model_id, device=torch_device, **hub)
+        config = config.copy(inference_mode=not is_trainable)
         _check_trainable_load(config, is_trainable)
-        weights = load_peft_weights(model_id, device=torch_device, **hub)
         if is_trainable and _can_probe(config):  # trainable loads allocate and init: check shapes on a meta probe
             with adapters_on_meta():
                 probe = self.base_model.inject_adapter(config, adapter_name,

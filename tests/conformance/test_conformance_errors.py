@@ -23,10 +23,12 @@ from conformance_helpers import (
 )
 from models import TaskCase
 from safetensors.torch import load_file, save_file
+from saved_files import drop_saved_config
 
 from peftkit import (
     AdapterExistsError,
     AdapterLoadError,
+    AdapterMismatchError,
     AdapterNotFoundError,
     ConfigError,
     NoMatchingPeftModuleError,
@@ -203,6 +205,10 @@ def test_load_checkpoint_with_other_r_raises(mc: MethodConfig, case: TaskCase, t
     config_file.write_text(json.dumps({**saved, field: 2 * r}))
     model = wrap(case, mc.observable(case), seed=1)
     before = snapshot(model, case)
+    with pytest.raises(AdapterMismatchError, match=f"{field}: {2 * r} in adapter_config.json but {r} with"):
+        model.load_adapter(path, adapter_name="loaded")  # the config saved with the weights says otherwise
+    assert_unchanged(model, case, before)
+    drop_saved_config(path)  # weights of another writer: the shape check catches it
     with pytest.raises(ShapeMismatchError, match="mismatch"):
         model.load_adapter(path, adapter_name="loaded")
     assert_unchanged(model, case, before)

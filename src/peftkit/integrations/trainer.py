@@ -39,7 +39,12 @@ from ..errors import AdapterLoadError, ConfigError
 from ..layers.base import AdapterLayer
 from ..mapping import get_peft_model
 from ..peft_model import PeftModel
-from ..serialization.files import SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME, load_peft_weights, save_weights
+from ..serialization.files import (
+    SAFETENSORS_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    load_peft_weights,
+    save_adapter_files,
+)
 from ..serialization.state_dict import WRAPPER_PREFIX, get_peft_model_state_dict, set_peft_model_state_dict
 from ..tuner import TunerModel
 
@@ -111,8 +116,7 @@ def save_adapter_checkpoint(
     for name, config in model.peft_config.items():  # type: ignore[union-attr]
         target = _adapter_dir(output_dir, name)
         tensors = get_peft_model_state_dict(model, state_dict, name, save_embedding_layers=False)
-        save_weights({WRAPPER_PREFIX + k: v for k, v in tensors.items()}, target, safe_serialization)
-        config.save_pretrained(target)
+        save_adapter_files(target, config, {WRAPPER_PREFIX + k: v for k, v in tensors.items()}, safe_serialization)
 
 
 def load_adapter_checkpoint(model: nn.Module, checkpoint_dir: str) -> list[str]:

@@ -41,7 +41,7 @@ from ..fileio import HUB_KWARGS
 from ..model_surface import WeakMethod
 from ..peft_model import _config_for_model
 from ..registry import get_method
-from ..serialization.files import load_peft_weights, save_weights
+from ..serialization.files import read_adapter, save_adapter_files
 from ..serialization.state_dict import WRAPPER_PREFIX, get_peft_model_state_dict, set_peft_model_state_dict
 from ..tuner import TunerModel, find_adapter_layers, tuner_class
 
@@ -192,8 +192,12 @@ def load_adapter(
                       stacklevel=2)
     if peft_model_id is None and (peft_config is None or adapter_state_dict is None):
         raise ConfigError("peft_model_id", None, "pass a path or Hub id, or both peft_config and adapter_state_dict")
-    config = _load_config(peft_model_id, peft_config, hub).copy(inference_mode=not is_trainable)
-    weights = adapter_state_dict if adapter_state_dict is not None else load_peft_weights(peft_model_id, **hub)  # type: ignore[arg-type]
+    given = _given_config(peft_config)
+    if adapter_state_dict is None:  # config (unless given) and weights read together, their pairing checked
+        config, weights = read_adapter(peft_model_id, given, **hub)  # type: ignore[arg-type]
+    else:
+        config, weights = given or PeftConfig.from_pretrained(peft_model_id, **hub), adapter_state_dict
+    config = config.copy(inference_mode=not is_trainable)
     tuner, applied, new = _inject(model, config, adapter_name)
     try:
         result = set_peft_model_state_dict(model, weights, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
@@ -211,14 +215,15 @@ def load_adapter(
     return result
 
 
-def _load_config(path: Any, peft_config: PeftConfig | dict[str, Any] | None, hub: dict[str, Any]) -> PeftConfig:
+def _given_config(peft_config: PeftConfig | dict[str, Any] | None) -> PeftConfig | None:
+    """The config passed to ``load_adapter`` (a config or its dict), or None when it is to be read from files."""
     if isinstance(peft_config, PeftConfig):
         return peft_config
     if isinstance(peft_config, dict):
         return PeftConfig.from_dict(peft_config)
     if peft_config is not None:
         raise ConfigError("peft_config", type(peft_config).__name__, "allowed: a PeftConfig, its dict, or None")
-    return PeftConfig.from_pretrained(path, **hub)
+    return None
 
 
 def _check_free(model: nn.Module, adapter_name: str) -> None:
@@ -324,8 +329,8 @@ def save_adapter(
     if not is_main_process:
         return
     tensors = get_peft_model_state_dict(model, state_dict, adapter_name, save_embedding_layers=save_embedding_layers)
-    save_weights({WRAPPER_PREFIX + k: v for k, v in tensors.items()}, save_directory, safe_serialization)
-    tuner.peft_config[adapter_name].save_pretrained(save_directory)
+    tensors = {WRAPPER_PREFIX + k: v for k, v in tensors.items()}
+    save_adapter_files(save_directory, tuner.peft_config[adapter_name], tensors, safe_serialization)
 
 
 # ---------------------------------------------------------------------------------------------------- binding

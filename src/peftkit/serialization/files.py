@@ -1,8 +1,7 @@
-"""Reading and writing adapter weight files (safetensors or ``.bin``), atomically."""
+"""Reading and writing an adapter's files (config and safetensors or ``.bin`` weights), all or nothing."""
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
@@ -14,8 +13,10 @@ from typing import Any
 
 import torch
 
-from ..errors import AdapterLoadError
-from ..fileio import atomic_write, resolve_file
+from ..config import CONFIG_NAME, PeftConfig, json_depth_exceeds
+from ..errors import AdapterLoadError, AdapterMismatchError
+from ..fileio import check_subfolder, resolve_file
+from ..transaction import reading, replace_files
 
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME = "adapter_model.bin"
@@ -36,32 +37,43 @@ def _independent(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_weights(tensors: dict[str, torch.Tensor], directory: str, safe_serialization: bool = True) -> str:
-    """Write ``tensors`` to ``adapter_model.safetensors`` (or ``adapter_model.bin``) in ``directory``, atomically,
-    then remove the other format's file from ``directory`` if there is one: it holds an older save, and the loader
-    would prefer a stale ``adapter_model.safetensors`` to the new ``.bin``. No other file is touched.
+#: safetensors metadata key holding the ``adapter_config.json`` text saved together with the tensors
+CONFIG_METADATA_KEY = "peftkit_adapter_config"
+#: config fields that describe where an adapter came from, not what its tensors mean; users edit them by hand
+#: (a moved base model), so a difference there does not make a config and its weights a mismatch
+_DESCRIPTIVE_FIELDS = frozenset({"base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+                                 "peft_version"})
 
-    Returns the written path.
-    """
-    os.makedirs(directory, exist_ok=True)
+
+def save_adapter_files(directory: str, config: PeftConfig, tensors: dict[str, torch.Tensor],
+                       safe_serialization: bool = True) -> str:
+    """Write one adapter into ``directory``: ``adapter_config.json`` (``config`` as is) and
+    ``adapter_model.safetensors`` (or ``adapter_model.bin``), all or nothing (:func:`peftkit.transaction.
+    replace_files`), removing the other format's weights file: it holds an older save, and a loader would prefer a
+    stale ``adapter_model.safetensors`` to the new ``.bin``. No other file of ``directory`` is touched.
+
+    The safetensors metadata keeps the config text under ``peftkit_adapter_config`` (the ``format: pt`` entry
+    stays), so a load can tell a config and weights written by different saves apart (:func:`check_pair`).
+    Returns the weights file's path."""
     tensors = _independent(tensors)
+    config_text = config.to_json_string()
     if safe_serialization:
         from safetensors.torch import save_file
 
-        path, stale = os.path.join(directory, SAFETENSORS_WEIGHTS_NAME), os.path.join(directory, WEIGHTS_NAME)
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        metadata = {"format": "pt", CONFIG_METADATA_KEY: config_text}
+        name, stale = SAFETENSORS_WEIGHTS_NAME, WEIGHTS_NAME
+        write_weights = lambda tmp: save_file(tensors, tmp, metadata=metadata)
     else:
-        path, stale = os.path.join(directory, WEIGHTS_NAME), os.path.join(directory, SAFETENSORS_WEIGHTS_NAME)
-        atomic_write(path, lambda tmp: torch.save(tensors, tmp))
-    _remove_stale(stale)
-    return path
+        name, stale = WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME
+        write_weights = lambda tmp: torch.save(tensors, tmp)
+    replace_files(directory, {name: write_weights, CONFIG_NAME: lambda tmp: _write_text(tmp, config_text)},
+                  remove=[stale])
+    return os.path.join(directory, name)
 
 
-def _remove_stale(path: str) -> None:
-    """Remove the file (or symlink) ``path`` if it exists; a directory of that name is left alone."""
-    if os.path.islink(path) or os.path.isfile(path):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
 
 
 def load_peft_weights(
@@ -74,31 +86,105 @@ def load_peft_weights(
     be read (truncated or corrupt).
     """
     subfolder = kwargs.pop("subfolder", None)
+    with reading(local_directory(model_id, subfolder)):
+        return _load_weights(model_id, device, subfolder, kwargs)[0]
+
+
+def read_adapter(model_id: str | os.PathLike[str], config: PeftConfig | None = None,
+                 device: str | torch.device | None = None, **kwargs: Any) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """``(config, tensors)`` of the adapter saved in ``model_id`` (a directory or a Hub repo; ``subfolder``,
+    ``revision``, ...), read together: a pending interrupted save is completed first, and a concurrent save cannot
+    replace the files between the two reads (shared lock).
+
+    ``config``: use this config instead of the saved one (then the pair is not checked). Otherwise a config and
+    weights written by different saves raise :class:`AdapterMismatchError` (:func:`check_pair`)."""
+    subfolder = kwargs.get("subfolder")
+    hub = {k: v for k, v in kwargs.items() if k != "subfolder"}
+    with reading(local_directory(model_id, subfolder)):
+        chosen = config
+        if chosen is None:
+            chosen = PeftConfig.from_pretrained(model_id, **kwargs)
+        tensors, metadata = _load_weights(model_id, device, subfolder, hub)
+    if config is None:
+        check_pair(chosen, metadata, str(model_id) + (f"/{subfolder}" if subfolder else ""))
+    return chosen, tensors
+
+
+def check_pair(config: PeftConfig, metadata: dict[str, str], where: str) -> None:
+    """Raise :class:`AdapterMismatchError` when ``config`` (read from ``adapter_config.json``) differs from the
+    config saved in the weights' metadata in a field that gives the tensors their meaning (every field except
+    ``base_model_name_or_path``, ``revision``, ``inference_mode``, ``auto_mapping``, ``peft_version``). Weights
+    without that metadata (``.bin``, files written by another library) are not checked."""
+    text = metadata.get(CONFIG_METADATA_KEY)
+    if text is None:
+        return
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fields of a newer version: reported once, for the file's config
+            if json_depth_exceeds(text):
+                raise ValueError("nested too deeply")
+            saved = json.loads(text)
+            if not isinstance(saved, dict):
+                raise TypeError("not a JSON object")
+            saved_config = PeftConfig.from_dict(saved)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise AdapterMismatchError(f"the adapter weights in {where!r} carry an unreadable "
+                                   f"{CONFIG_METADATA_KEY!r} metadata entry ({exc})") from None
+    ours, theirs = json.loads(config.to_json_string()), json.loads(saved_config.to_json_string())
+    fields = sorted((k for k in ours.keys() | theirs.keys()
+                     if k not in _DESCRIPTIVE_FIELDS and ours.get(k) != theirs.get(k)),
+                    key=lambda k: (k != "peft_type", k))  # another method first: it explains the rest
+    if fields:
+        shown = ", ".join(f"{k}: {_short(ours.get(k))} in {CONFIG_NAME} but {_short(theirs.get(k))} with the weights"
+                          for k in fields[:5])
+        raise AdapterMismatchError(
+            f"{CONFIG_NAME} and the weights in {where!r} were written by different saves ({shown}); refusing to "
+            "guess which is right. Save the adapter again, or pass config=PeftConfig.from_pretrained(...) to load "
+            "the weights with a config of your choice")
+
+
+def local_directory(model_id: str | os.PathLike[str], subfolder: str | None) -> str | None:
+    """The local adapter directory ``model_id[/subfolder]``, or None when ``model_id`` is not a local directory
+    (a Hub repo id)."""
+    subfolder = check_subfolder(subfolder)
+    if not os.path.isdir(model_id):
+        return None
+    return os.path.join(model_id, subfolder) if subfolder else os.fspath(model_id)
+
+
+def _load_weights(model_id: str | os.PathLike[str], device: str | torch.device | None, subfolder: str | None,
+                  hub: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, safetensors metadata)`` of the adapter in ``model_id`` (metadata empty for ``.bin``)."""
     device = device or "cpu"
-    path = resolve_file(model_id, SAFETENSORS_WEIGHTS_NAME, subfolder, **kwargs)
+    path = resolve_file(model_id, SAFETENSORS_WEIGHTS_NAME, subfolder, **hub)
     if path is not None:
         return _read_safetensors(path, str(device))
-    path = resolve_file(model_id, WEIGHTS_NAME, subfolder, **kwargs)
+    path = resolve_file(model_id, WEIGHTS_NAME, subfolder, **hub)
     if path is not None:
-        return _read_bin(path, device)
+        return _read_bin(path, device), {}
     where = str(model_id) + (f"/{subfolder}" if subfolder else "")
     raise AdapterLoadError(f"no adapter weights in {where!r}: expected {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME}")
 
 
-def _read_safetensors(path: str, device: str) -> dict[str, torch.Tensor]:
-    """The file's tensors, owned by the caller: never views of a memory map of the file (which another writer
-    could change), so a loader may adopt them as parameters without copying."""
+def _read_safetensors(path: str, device: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(tensors, metadata)`` of the file; the tensors are owned by the caller: never views of a memory map of
+    the file (which another writer could change), so a loader may adopt them as parameters without copying."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     if torch.device(device).type == "cpu":
-        tensors = _read_whole_file(path)
-        if tensors is not None:
-            return tensors
+        read = _read_whole_file(path)
+        if read is not None:
+            return read
     try:
         loaded = load_file(path, device=device)
+        with safe_open(path, framework="pt") as fh:
+            metadata = fh.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
         raise AdapterLoadError(f"cannot read adapter weights {path!r} (truncated or corrupt?): {exc}") from exc
-    return {k: v.clone() for k, v in loaded.items()} if torch.device(device).type == "cpu" else loaded
+    return ({k: v.clone() for k, v in loaded.items()} if torch.device(device).type == "cpu" else loaded), metadata
 
 
 #: safetensors dtype names -> torch dtypes read by :func:`_read_whole_file` (others go through ``load_file``)
@@ -136,7 +222,7 @@ class _Object(list):  # type: ignore[type-arg]
     """A JSON object as its ``(key, value)`` pairs in file order, duplicates kept (``object_pairs_hook``)."""
 
 
-def _read_whole_file(path: str) -> dict[str, torch.Tensor] | None:
+def _read_whole_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
     """Read a little-endian safetensors file straight into one fresh tensor per entry (``readinto``: one copy, no
     memory map, no storage shared between tensors).
 
@@ -149,7 +235,7 @@ def _read_whole_file(path: str) -> dict[str, torch.Tensor] | None:
     size = os.path.getsize(path)
     with open(path, "rb", buffering=0) as f:
         try:
-            start, specs = _parse_header(f, size)
+            start, specs, metadata = _parse_header(f, size)
         except _Malformed as exc:
             raise AdapterLoadError(f"cannot read adapter weights {path!r} (truncated or corrupt?): {exc}") from None
         if any(dtype not in _ST_DTYPES for dtype, _, _ in specs.values()):
@@ -160,11 +246,11 @@ def _read_whole_file(path: str) -> dict[str, torch.Tensor] | None:
             return None
         if not _read_into(f, start, [(specs[key][2], tensor) for key, tensor in tensors.items()]):
             return None
-    return tensors
+    return tensors, metadata
 
 
-def _parse_header(f: io.FileIO, size: int) -> tuple[int, dict[str, tuple[str, list[int], int]]]:
-    """``(data start, {name: (dtype name, shape, begin)})`` of the file ``f`` of ``size`` bytes, checked as the
+def _parse_header(f: io.FileIO, size: int) -> tuple[int, dict[str, tuple[str, list[int], int]], dict[str, str]]:
+    """``(data start, {name: (dtype name, shape, begin)}, metadata)`` of the file ``f`` of ``size`` bytes, checked as the
     library checks it: the header length is at most 100 MB and inside the file; the header is a UTF-8 JSON object
     (nesting below 128, no NaN, numbers in range, no lone surrogate); ``__metadata__`` is null or str -> str; each
     entry has a known dtype, a shape of non-negative ints and ``data_offsets`` ``[begin, end]``; sorted, the
@@ -194,6 +280,7 @@ def _parse_header(f: io.FileIO, size: int) -> tuple[int, dict[str, tuple[str, li
     specs: dict[str, tuple[str, list[int], int]] = {}
     spans: list[tuple[int, int, str]] = []
     seen_metadata = False
+    metadata: dict[str, str] = {}
     for key, value in header:
         if key == "__metadata__":
             if seen_metadata:
@@ -201,6 +288,7 @@ def _parse_header(f: io.FileIO, size: int) -> tuple[int, dict[str, tuple[str, li
             seen_metadata = True
             if value is not None and not (isinstance(value, _Object) and all(isinstance(v, str) for _, v in value)):
                 raise _Malformed(f"'__metadata__' must be null or an object of strings, not {_short(value)}")
+            metadata = dict(value) if value is not None else {}
             continue
         if key in specs:
             raise _Malformed(f"tensor {_short(key)} appears more than once")
@@ -208,7 +296,7 @@ def _parse_header(f: io.FileIO, size: int) -> tuple[int, dict[str, tuple[str, li
         specs[key] = (dtype, shape, begin)
         spans.append((begin, end, key))
     _check_spans(spans, specs, size - 8 - length)
-    return 8 + length, specs
+    return 8 + length, specs, metadata
 
 
 def _parse_json(text: str) -> object:
