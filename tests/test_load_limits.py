@@ -94,3 +94,70 @@ def test_absurd_rank_fails_before_allocating(absurd_adapter: tuple[Path, str], e
     assert result["error"] == expected, result
     assert result["grown_mb"] < LIMIT_MB, result
     assert result["unchanged"], result
+
+
+# --------------------------------------------------------------------------------- every method, every init path
+_METHOD_SCRIPT = r"""
+import json, resource, sys, warnings
+import torch
+sys.path.insert(0, {tests!r})
+from models import tiny_llama
+from peftkit import PeftModel
+from peftkit.errors import PeftError
+
+adapter_dir = sys.argv[1]
+warnings.simplefilter("ignore")
+model = tiny_llama()
+start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+errors = []
+for trainable in (False, True):
+    try:
+        PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+        errors.append(None)
+    except PeftError as exc:
+        errors.append(type(exc).__name__)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({{"errors": errors, "grown_mb": (peak - start) / 1024}}))
+"""
+
+#: (config of the saved r=4 adapter, edits that make its config absurd, the error every load must raise)
+_ABSURD = {
+    # the init reads or rewrites the base weights, so it runs even for inference loads: a meta probe checks first
+    "lora-pissa": ({"peft_type": "LORA", "init_lora_weights": "pissa"}, {"r": ABSURD_R}, "ShapeMismatchError"),
+    "lora-olora": ({"peft_type": "LORA", "init_lora_weights": "olora"}, {"r": ABSURD_R}, "ShapeMismatchError"),
+    "lora-dora": ({"peft_type": "LORA", "use_dora": True}, {"r": ABSURD_R}, "ShapeMismatchError"),
+    # methods whose layers used to create and init their tensors before any check
+    "loha": ({"peft_type": "LOHA"}, {"r": ABSURD_R}, "ShapeMismatchError"),
+    # (LoKr is not here: past max(a, c) / 2 its factors are full matrices whatever r says, so a huge r loads)
+    "adalora": ({"peft_type": "ADALORA", "init_r": 4, "target_r": 2, "total_step": 10},
+                {"init_r": ABSURD_R, "r": ABSURD_R}, "ShapeMismatchError"),
+    # a targeted module with no tensor in the checkpoint: no shape to compare, the missing bytes are bounded
+    "lora-missing-module": ({"peft_type": "LORA"},
+                            {"target_modules": ["q_proj", "k_proj"], "rank_pattern": {"k_proj": ABSURD_R}},
+                            "AdapterLoadError"),
+}
+
+
+@pytest.mark.parametrize("case", list(_ABSURD))
+def test_absurd_sizes_fail_before_allocating_for_every_method(case: str, tmp_path: Path) -> None:
+    """A config claiming sizes its checkpoint does not back (weights without peftkit's saved config, as another
+    writer leaves them) fails with a typed error, for inference and trainable loads, without allocating them."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from models import tiny_llama
+    from saved_files import drop_saved_config
+
+    from peftkit import PeftConfig, get_peft_model
+
+    saved, edits, expected = _ABSURD[case]
+    config = PeftConfig.from_dict({"r": 4, "target_modules": ["q_proj"], **saved})
+    get_peft_model(tiny_llama(), config).save_pretrained(tmp_path)
+    drop_saved_config(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), **edits}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", _METHOD_SCRIPT.format(tests=str(Path(__file__).parent)),
+                           str(tmp_path)], capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["errors"] == [expected, expected], result
+    assert result["grown_mb"] < LIMIT_MB, result

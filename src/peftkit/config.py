@@ -83,6 +83,32 @@ def check_shared_fields(config: object) -> None:
         value = getattr(config, name, None)
         if not (value is None or (isinstance(value, dict) and all(isinstance(k, str) for k in value))):
             raise ConfigTypeError(name, value, "allowed: None or a dict {module-name regex: value}")
+    _check_regexes(config)
+
+
+def _check_regexes(config: object) -> None:
+    """The regexes a config holds compile, as the injection will use them: a str module-name field (``re.fullmatch``
+    of the module name), each ``rank_pattern`` / ``alpha_pattern`` key (``(.*\\.)?(<key>)$``) and ``layers_pattern``
+    (a str or a list of them). Otherwise :class:`ConfigError` naming the field, the value and the regex error,
+    instead of an ``re.error`` from deep inside the injection (e.g. for a hand-edited ``adapter_config.json``)."""
+    checks: list[tuple[str, object, str]] = []
+    for name in _MODULE_NAME_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, str):
+            checks.append((name, value, value))
+    for name in _PATTERN_FIELDS:
+        for key in getattr(config, name, None) or {}:
+            checks.append((f"{name}[{key!r}]", key, rf"(.*\.)?({key})$"))
+    layers_pattern = getattr(config, "layers_pattern", None)
+    for pattern in [layers_pattern] if isinstance(layers_pattern, str) else (
+            layers_pattern if isinstance(layers_pattern, (list, tuple)) else []):
+        if isinstance(pattern, str):
+            checks.append(("layers_pattern", pattern, pattern))
+    for name, value, regex in checks:
+        try:
+            re.compile(regex)
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise ConfigError(name, value, f"allowed: a valid Python regex (re.error: {exc})") from None
 
 
 def json_depth_exceeds(text: str, limit: int = MAX_JSON_DEPTH) -> bool:

@@ -36,7 +36,7 @@ from .errors import (
     UnsupportedOperationError,
 )
 from .fileio import HUB_KWARGS
-from .injection.apply import adapters_on_meta, weights_follow
+from .injection.apply import probing, weights_follow
 from .injection.plan import QA_HEADS, SEQ_CLS_HEADS
 from .model_surface import (
     bind_forward,
@@ -392,9 +392,9 @@ class PeftModel(nn.Module):
         if key_mapping is None:
             key_mapping = getattr(model, "_checkpoint_conversion_mapping", None) or None
         grads = parameter_grads(model)  # restored if loading fails
-        if is_trainable and not low_cpu_mem_usage and _can_probe(config):  # trainable loads allocate: probe first
+        if _needs_probe(config, allocates=is_trainable and not low_cpu_mem_usage):
             try:
-                with adapters_on_meta(), gc_paused():
+                with probing(), gc_paused():
                     probe = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                                        low_cpu_mem_usage=True)
                     try:
@@ -451,8 +451,8 @@ class PeftModel(nn.Module):
         config, weights = read_adapter(model_id, device=torch_device, **hub)
         config = config.copy(inference_mode=not is_trainable)
         _check_trainable_load(config, is_trainable)
-        if is_trainable and _can_probe(config):  # trainable loads allocate and init: check shapes on a meta probe
-            with adapters_on_meta():
+        if _needs_probe(config, allocates=is_trainable):
+            with probing():
                 probe = self.base_model.inject_adapter(config, adapter_name,
                                                        autocast_adapter_dtype=autocast_adapter_dtype)
                 try:
@@ -638,11 +638,12 @@ def _skip_init_unless(is_trainable: bool) -> contextlib.AbstractContextManager[N
     return contextlib.nullcontext() if is_trainable else weights_follow()
 
 
-def _can_probe(config: PeftConfig) -> bool:
-    """Can a throw-away adapter of ``config`` be injected (on meta) to check a checkpoint's shapes before the real,
-    allocating one? Not when its init rewrites the base weights (LoRA's PiSSA / OLoRA): the probe would apply it
-    twice."""
-    return not get_method(str(config.peft_type)).init_changes_base(config)
+def _needs_probe(config: PeftConfig, allocates: bool) -> bool:
+    """Whether a load injects a throw-away adapter of ``config`` on the meta device first (:func:`probing`), to check
+    the checkpoint's shapes and sizes before the real injection allocates the config's sizes: when the real one
+    allocates (``allocates``: trainable loads init their tensors) or the method's init does anyway
+    (``MethodSpec.init_allocates``: PiSSA / OLoRA, DoRA). Inference loads otherwise inject on meta already."""
+    return allocates or get_method(str(config.peft_type)).init_allocates(config)
 
 
 def _check_trainable_load(config: PeftConfig, is_trainable: bool) -> None:

@@ -84,7 +84,10 @@ class MethodSpec:
             wraps, to warn about per-layer facts that are likely a mistake (LoRA: ``lora_bias=True`` on layers
             without a bias), one warning naming all of them; None: nothing to check.
         init_changes_base: ``(config) -> bool``: whether initialising an adapter of ``config`` rewrites the base
-            weights (LoRA's PiSSA / OLoRA), so it must not run twice (loads do not probe such adapters on meta).
+            weights (LoRA's PiSSA / OLoRA): such an adapter should not sit beside others.
+        init_allocates: ``(config) -> bool``: whether injecting an adapter of ``config`` for a load still allocates
+            and fills its tensors although the checkpoint overwrites them (PiSSA / OLoRA change the base, DoRA
+            computes its magnitude from the factors): loads then check the checkpoint on a meta probe first.
     """
 
     peft_type: PeftType
@@ -115,6 +118,7 @@ class MethodSpec:
     prepare_load: Callable[[nn.Module, PeftConfig, str], None] | None = None
     check_plan: Callable[[PeftConfig, Sequence[tuple[str, nn.Module]]], None] | None = None
     init_changes_base: Callable[[PeftConfig], bool] = lambda config: False
+    init_allocates: Callable[[PeftConfig], bool] = lambda config: False
     rank_field: str = "r"
     pattern_fields: tuple[str, ...] = ("rank_pattern", "alpha_pattern")
 

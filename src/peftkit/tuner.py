@@ -100,11 +100,12 @@ class TunerModel(BaseTuner):
         """
         method = self._check_new_adapter(config, adapter_name)
         plan = plan_injection(self.model, config, adapter_name, method, self._task_heads)
+        stored = config.copy(**_resolved_fields(config, plan))  # validates again: may raise, so before any swap
         first = not self.peft_config
         with gc_paused():  # thousands of small long-lived objects: no collection passes while they are made
             applied = apply_plan(self.model, plan, config, method, autocast_adapter_dtype)
         make_quantized_layers_trainable(self.model)  # e.g. bnb 4-bit CPU repacking would cut gradients off
-        self.peft_config[adapter_name] = config.copy(**_resolved_fields(config, plan))
+        self.peft_config[adapter_name] = stored
         self._trainable[adapter_name] = not config.inference_mode
         self.prefix = method.prefix
         self._loss_term = method.loss_term

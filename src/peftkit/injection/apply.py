@@ -74,6 +74,28 @@ def adapters_on_meta() -> Iterator[None]:
         _META.reset(token)
 
 
+#: True inside :func:`probing`
+_PROBE: ContextVar[bool] = ContextVar("peftkit_probe_adapters", default=False)
+
+
+@contextmanager
+def probing() -> Iterator[None]:
+    """While active, new adapter layers are throw-away probes that a load injects to check a checkpoint's shapes
+    and sizes before the real injection: every adapter tensor stays on the meta device and no init runs, not even
+    one that reads or rewrites the base weights (PiSSA, OLoRA, DoRA's magnitude). Implies :func:`adapters_on_meta`."""
+    token = _PROBE.set(True)
+    try:
+        with adapters_on_meta():
+            yield
+    finally:
+        _PROBE.reset(token)
+
+
+def is_probing() -> bool:
+    """True inside :func:`probing`."""
+    return _PROBE.get()
+
+
 def meta_adapters_requested() -> bool:
     """True inside :func:`adapters_on_meta`."""
     return _META.get()

@@ -8,6 +8,8 @@ rows of ``ΔW``.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -16,6 +18,7 @@ from torch import nn
 
 from ..config import PeftConfig, as_set, check, is_int, is_number
 from ..errors import UnsupportedModuleError
+from ..injection.apply import defer_init, skip_random_init
 from ..injection.match import pattern_value
 from ..layers.base import AdapterLayer
 from ..layers.dispatch import CONV, LINEAR, module_kind
@@ -128,13 +131,27 @@ class LycorisLayer(AdapterLayer):
         self.rank_dropout_scale[name] = getattr(config, "rank_dropout_scale", True)
         self.module_dropout[name] = config.module_dropout
 
-    def _finish_update(self, name: str, dtype: torch.dtype | None) -> None:
+    def _factory(self) -> tuple[Callable[..., torch.Tensor], bool]:
+        """``(empty, deferred)`` for a new adapter's tensors: while a load will fill them (``skip_random_init``:
+        inference loads, ``low_cpu_mem_usage``, a load's probe) they are created on the meta device and not
+        initialised, so a config's sizes are never allocated before the checkpoint is checked against them."""
+        deferred = skip_random_init()
+        return (functools.partial(torch.empty, device="meta") if deferred else torch.empty), deferred
+
+    def _finish_update(self, name: str, dtype: torch.dtype | None, deferred: bool = False) -> None:
+        """Move the new adapter's tensors to the base weight's device and ``dtype`` (deferred: they stay on meta
+        in that dtype, and the load fills them; missing ones become zeros)."""
         weight = self.get_base_layer().weight
         for attr in self.adapter_layer_names:
             holder = getattr(self, attr)
             if name in holder:
                 param = holder[name]
-                holder[name] = nn.Parameter(param.data.to(device=weight.device, dtype=dtype or weight.dtype))
+                if deferred:
+                    holder[name] = nn.Parameter(torch.empty_like(param, device="meta", dtype=dtype or weight.dtype))
+                else:
+                    holder[name] = nn.Parameter(param.data.to(device=weight.device, dtype=dtype or weight.dtype))
+        if deferred:
+            defer_init(self.adapter_parameters(name), weight.device)
         self.set_adapter(self._active_adapter or [name])
 
     def _raw_delta(self, name: str) -> torch.Tensor:

@@ -305,7 +305,11 @@ def _strip(key: str) -> str:
 
 
 def _apply_key_mapping(keys: list[str], key_mapping: dict[str, str] | None) -> dict[str, str]:
-    """``{normalised key: original key}``; ``key_mapping`` regexes apply after ``base_model.model.`` is stripped."""
+    """``{normalised key: original key}``; ``key_mapping`` regexes apply after ``base_model.model.`` is stripped.
+
+    Two checkpoint keys that normalise to one key (``base_model.model.x.lora_A.weight`` beside ``x.lora_A.weight``,
+    or two keys a ``key_mapping`` maps together) name the same tensor twice, with possibly different values: the file
+    is ambiguous, and :class:`AdapterLoadError` names both keys instead of loading whichever came last."""
     out: dict[str, str] = {}
     for key in keys:
         norm = _strip(key)
@@ -313,6 +317,11 @@ def _apply_key_mapping(keys: list[str], key_mapping: dict[str, str] | None) -> d
             norm, n = re.subn(pattern, repl, norm)
             if n:
                 break
+        if norm in out:
+            raise AdapterLoadError(
+                f"checkpoint keys {out[norm]!r} and {key!r} both name the same adapter tensor {norm!r} (with and "
+                "without the 'base_model.model.' prefix, or mapped together by key_mapping); allowed: one key per "
+                "tensor. The file is ambiguous; save the adapter again.")
         out[norm] = key
     return out
 
@@ -543,6 +552,7 @@ def _load_state_dict(
             f"(e.g. {incoming[sample]!r}; closest model keys: {closest_names(sample, expected)}). The checkpoint was "
             "probably made for a different model or module naming; pass key_mapping to translate its keys."
         )
+    _check_missing_size(expected, set(incoming) - skipped, [value for _, value in plan], adapter_name)
     if check_only:
         return _IncompatibleKeys(missing_keys=[], unexpected_keys=unexpected)
     _warn_non_finite(loaded, [value for _, value in plan], adapter_name)
@@ -552,16 +562,49 @@ def _load_state_dict(
     return _IncompatibleKeys(missing_keys=missing, unexpected_keys=unexpected)
 
 
+#: a load may invent (as zeros) adapter tensors missing from the checkpoint up to this many bytes, or up to as many
+#: bytes as the checkpoint holds when that is more
+MISSING_BYTES_FLOOR = 16 * 2**20
+
+
+def _check_missing_size(expected: dict[str, tuple[str | None, torch.Tensor]], present: set[str],
+                        values: list[torch.Tensor], adapter_name: str) -> None:
+    """Refuse (:class:`AdapterLoadError`) a load whose checkpoint lacks adapter tensors that are not allocated yet
+    (meta: a probe, or an inference load, which would fill them with zeros) and that would take more bytes than the
+    checkpoint's tensors and more than :data:`MISSING_BYTES_FLOOR`: the config then asks for sizes no file backs
+    (e.g. ``rank_pattern: {"k_proj": 1000000000}`` for a module the checkpoint has no tensor of), and honouring it
+    would allocate gigabytes. Smaller gaps load, reported as missing keys."""
+    absent = [(norm, tensor) for norm, (_, tensor) in expected.items() if norm not in present and tensor.is_meta]
+    wanted = sum(tensor.numel() * tensor.element_size() for _, tensor in absent)
+    held = sum(value.numel() * value.element_size() for value in values)
+    if wanted > max(held, MISSING_BYTES_FLOOR):
+        largest = sorted(absent, key=lambda item: -item[1].numel())[:3]
+        shown = ", ".join(f"{norm} {tuple(tensor.shape)}" for norm, tensor in largest)
+        raise AdapterLoadError(
+            f"the checkpoint lacks {len(absent)} tensor(s) of adapter {adapter_name!r} that its config asks for, "
+            f"{wanted / 2**20:.1f} MiB at the config's sizes (largest: {shown}), more than the "
+            f"{held / 2**20:.1f} MiB it holds; the config does not belong to this checkpoint (check r / rank_pattern "
+            "/ target_modules)")
+
+
 def _warn_non_finite(names: list[str], values: list[torch.Tensor], adapter_name: str, shown: int = 3) -> None:
     """Warn (:class:`PeftWarning`) when loaded floating-point tensors hold NaN or inf, naming the first ``shown`` and
     the count: such an adapter makes every output NaN. One ``isfinite(t).all()`` per floating tensor (meta skipped)."""
     bad = [name for name, value in zip(names, values)
-           if value.is_floating_point() and not value.is_meta and not bool(torch.isfinite(value).all())]
+           if value.is_floating_point() and not value.is_meta and not _all_finite(value)]
     if bad:
         more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
         warnings.warn(f"{len(bad)} checkpoint tensor(s) of adapter {adapter_name!r} hold NaN or inf values: "
                       f"{', '.join(repr(n) for n in bad[:shown])}{more}. The model's outputs will be NaN or inf; "
                       "the checkpoint is probably corrupt or from a diverged training run.", PeftWarning, stacklevel=3)
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    """``isfinite(value).all()`` for every floating dtype a checkpoint may hold: torch has no ``isfinite`` for some
+    float8 dtypes (``float8_e4m3fn``), which are checked upcast to float32 (exact: every float8 value is one)."""
+    if value.element_size() == 1:
+        value = value.to(torch.float32)
+    return bool(torch.isfinite(value).all())
 
 
 def _copy(plan: list[tuple[torch.Tensor, torch.Tensor]], assign: bool) -> None:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...injection.apply import defer_init, mark_loaded, skip_random_init
 from ...layers.base import AdapterLayer
 from ...layers.dispatch import CONV, HF_CONV1D
 
@@ -63,22 +64,42 @@ class SVDLayer(AdapterLayer):
         self.scaling[adapter_name] = lora_alpha if lora_alpha > 0 else float(r)
         self.ranknum[adapter_name] = float(r)
         self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
-        A = torch.randn(r, self._a_columns).to(**factory)
-        E = torch.randn(r, 1).to(**factory)
-        B = torch.randn(self.out_features, r).to(**factory)
-        if init_lora_weights:
-            A.normal_(0.0, 0.02)
-            B.normal_(0.0, 0.02)
-            E.zero_()
+        deferred = skip_random_init()  # a load fills them: on meta, no init, never the config's sizes allocated
+        if deferred:
+            meta = {"device": "meta", "dtype": factory["dtype"]}
+            A, E, B = (torch.empty(r, self._a_columns, **meta), torch.empty(r, 1, **meta),
+                       torch.empty(self.out_features, r, **meta))
+        else:
+            A = torch.randn(r, self._a_columns).to(**factory)
+            E = torch.randn(r, 1).to(**factory)
+            B = torch.randn(self.out_features, r).to(**factory)
+            if init_lora_weights:
+                A.normal_(0.0, 0.02)
+                B.normal_(0.0, 0.02)
+                E.zero_()
         self.lora_A[adapter_name] = nn.Parameter(A)
         self.lora_E[adapter_name] = nn.Parameter(E)
         self.lora_B[adapter_name] = nn.Parameter(B)
+        if deferred:
+            defer_init(self.adapter_parameters(adapter_name), weight.device)
         self.set_adapter(self._active_adapter or [adapter_name])
 
     def resize(self, adapter_name: str, keep: torch.Tensor) -> None:
         """Keep only the triplets ``keep: (r,) bool`` of ``adapter_name`` (rank becomes ``keep.sum()``, possibly 0).
         ``ranknum``, trainability and the kept values are unchanged, so the outputs are too when the dropped
         ``E`` entries were 0."""
+        if self.lora_E[adapter_name].is_meta:  # not filled yet (a load, or its probe): resize the placeholders
+            kept = int(keep.to(torch.bool).sum())
+            for attr, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
+                holder = getattr(self, attr)
+                old = holder[adapter_name]
+                home = mark_loaded(old)  # the old placeholder leaves the load's bookkeeping, the new one joins it
+                shape = [*old.shape[:dim], kept, *old.shape[dim + 1:]]
+                holder[adapter_name] = nn.Parameter(torch.empty(shape, device="meta", dtype=old.dtype),
+                                                    requires_grad=old.requires_grad)
+                defer_init([holder[adapter_name]], home)
+            self.r[adapter_name] = kept
+            return
         keep = keep.to(device=self.lora_E[adapter_name].device, dtype=torch.bool).view(-1)
         for attr, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
             holder = getattr(self, attr)

@@ -46,6 +46,13 @@ class IA3Config(PeftConfig):
             "modules_to_save", self.modules_to_save, "allowed: None or a list of module names",
         )
         if isinstance(self.feedforward_modules, set) and isinstance(self.target_modules, set):
-            extra = sorted(self.feedforward_modules - self.target_modules)
+            extra = sorted(_not_targeted(self.feedforward_modules, self.target_modules))
             check(not extra, "feedforward_modules", sorted(self.feedforward_modules),
                   f"allowed: a subset of target_modules {sorted(self.target_modules)}; not in it: {extra}")
+
+
+def _not_targeted(feedforward: set[str], targets: set[str]) -> set[str]:
+    """The ``feedforward_modules`` entries that name no module of ``targets``: an entry counts as targeted when it
+    equals a target or is the last components of one (``down_proj`` of ``model.layers.0.mlp.down_proj``, the form
+    the stored copy of a config holds once ``"all-linear"`` or a regex is resolved to full module names)."""
+    return {f for f in feedforward if not any(t == f or t.endswith("." + f) for t in targets)}

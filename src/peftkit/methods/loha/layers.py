@@ -33,7 +33,7 @@ class LoHaLayer(LycorisLayer):
         else:
             in_dim, kernel = base.in_channels // base.groups, tuple(base.kernel_size)
             effective = bool(config.use_effective_conv2d) and any(k != 1 for k in kernel)  # type: ignore[attr-defined]
-        empty = torch.empty
+        empty, deferred = self._factory()
         if effective:
             k2 = kernel if len(kernel) == 2 else (kernel[0], 1)
             self.hada_t1[adapter_name] = nn.Parameter(empty(r, r, *k2))
@@ -48,6 +48,9 @@ class LoHaLayer(LycorisLayer):
             self.hada_w1_b[adapter_name] = nn.Parameter(empty(r, cols))
             self.hada_w2_a[adapter_name] = nn.Parameter(empty(out_dim, r))
             self.hada_w2_b[adapter_name] = nn.Parameter(empty(r, cols))
+        if deferred:
+            self._finish_update(adapter_name, dtype, deferred)
+            return
         with torch.no_grad():
             _kaiming(self.hada_w1_a[adapter_name])
             _kaiming(self.hada_w1_b[adapter_name])

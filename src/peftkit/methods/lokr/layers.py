@@ -61,7 +61,7 @@ class LoKrLayer(LycorisLayer):
         use_w1 = not (config.decompose_both and r < max(a, c) / 2)  # type: ignore[attr-defined]
         use_w2 = r >= max(b, d) / 2
         effective = bool(kernel) and bool(config.use_effective_conv2d) and any(k != 1 for k in kernel)  # type: ignore[attr-defined]
-        empty = torch.empty
+        empty, deferred = self._factory()
         if use_w1:
             self.lokr_w1[adapter_name] = nn.Parameter(empty(a, c))
         else:
@@ -77,8 +77,9 @@ class LoKrLayer(LycorisLayer):
         else:
             self.lokr_w2_a[adapter_name] = nn.Parameter(empty(b, r))
             self.lokr_w2_b[adapter_name] = nn.Parameter(empty(r, d * math.prod(kernel)))
-        self._init(adapter_name, config.init_weights)  # type: ignore[attr-defined]
-        self._finish_update(adapter_name, dtype)
+        if not deferred:
+            self._init(adapter_name, config.init_weights)  # type: ignore[attr-defined]
+        self._finish_update(adapter_name, dtype, deferred)
 
     @torch.no_grad()
     def _init(self, name: str, init_weights: bool | str) -> None:

@@ -148,6 +148,8 @@ LORA = register_method(
         combine=add_weighted_adapter,
         convert_for_save=convert_to_lora,
         init_changes_base=lambda config: uses_base_weight(getattr(config, "init_lora_weights", True)),
+        init_allocates=lambda config: (uses_base_weight(getattr(config, "init_lora_weights", True))
+                                       or bool(getattr(config, "use_dora", False))),
     )
 )
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.modules import module as torch_module
 
 from ...errors import ConfigError, MergeError
-from ...injection.apply import defer_init, skip_random_init
+from ...injection.apply import defer_init, is_probing, skip_random_init
 from ...layers.base import AdapterLayer
 from ...layers.dispatch import inplace_safe
 from ...module_utils import add_child, init_module_state, new_module
@@ -113,7 +113,9 @@ class LoraLayer(AdapterLayer):
         # meta: nothing to fill. Loading: A and B stay on meta and adopt the checkpoint's tensors (missing ones
         # become zeros after it); PiSSA/OLoRA change the base weight and DoRA's magnitude is computed from A and B,
         # so they always init.
-        init = uses_base_weight(init_lora_weights) or use_dora or not (weight.is_meta or skip_random_init())
+        # A load's probe (is_probing) inits nothing: it only checks the checkpoint's shapes.
+        init = not is_probing() and (uses_base_weight(init_lora_weights) or use_dora
+                                     or not (weight.is_meta or skip_random_init()))
         deferred = not init and not weight.is_meta
         factory = {"device": torch.device("meta") if deferred else weight.device, "dtype": dtype or weight.dtype}
         self._create(adapter_name, r, lora_bias, factory)
@@ -143,8 +145,9 @@ class LoraLayer(AdapterLayer):
         return self._delta_product(adapter_name).detach().reshape(view.shape)
 
     def _dora_norm(self, adapter_name: str) -> torch.Tensor:
-        """``‖V + ΔV‖`` in the magnitude's shape, detached."""
-        view = self._dora_view(self.get_base_layer().weight).detach()
+        """``‖V + ΔV‖`` in the magnitude's shape, detached (on the meta device while A and B are: a load's probe)."""
+        weight = self.get_base_layer().weight
+        view = self._dora_view(weight.to("meta") if self._lora_weights(adapter_name)[0].is_meta else weight).detach()
         norm = view_norm(view, self._dora_delta(adapter_name, view))
         return norm.reshape(self._dora_magnitude_shape())
 
