@@ -85,6 +85,9 @@ class MethodSpec:
             without a bias), one warning naming all of them; None: nothing to check.
         init_changes_base: ``(config) -> bool``: whether initialising an adapter of ``config`` rewrites the base
             weights (LoRA's PiSSA / OLoRA): such an adapter should not sit beside others.
+        parameter_options: ``(module name, module, parameter name, config) -> options`` for a parameter selected by
+            ``target_parameters`` (passed to ``create_layer`` like ``layer_options``'); None: the method cannot
+            adapt parameters.
         init_allocates: ``(config) -> bool``: whether injecting an adapter of ``config`` for a load still allocates
             and fills its tensors although the checkpoint overwrites them (PiSSA / OLoRA change the base, DoRA
             computes its magnitude from the factors): loads then check the checkpoint on a meta probe first.
@@ -119,6 +122,7 @@ class MethodSpec:
     check_plan: Callable[[PeftConfig, Sequence[tuple[str, nn.Module]]], None] | None = None
     init_changes_base: Callable[[PeftConfig], bool] = lambda config: False
     init_allocates: Callable[[PeftConfig], bool] = lambda config: False
+    parameter_options: Callable[[str, nn.Module, str, PeftConfig], dict[str, Any]] | None = None
     rank_field: str = "r"
     pattern_fields: tuple[str, ...] = ("rank_pattern", "alpha_pattern")
 

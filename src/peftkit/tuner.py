@@ -114,7 +114,8 @@ class TunerModel(BaseTuner):
             freeze(self.model)  # model.requires_grad_(False) in one walk
             self._active = [adapter_name]
         # only the touched modules hold the new adapter (and, for the first one, any adapter at all)
-        self._refresh_trainability([self.model.get_submodule(name) for name in dict.fromkeys(applied.touched)])
+        touched = [self.model.get_submodule(name) for name in dict.fromkeys(applied.touched)]
+        self._refresh_trainability([layer for module in touched for layer in _nested(module)])
         return applied
 
     def _check_new_adapter(self, config: PeftConfig, adapter_name: str) -> MethodSpec:
@@ -385,9 +386,13 @@ class TunerModel(BaseTuner):
             from tqdm.auto import tqdm
 
             iterator = tqdm(modules, desc="Unloading " + ("and merging " if keep_trained_copies else "") + "model")
+        unwrapped: list[str] = []
         for name, module in iterator:
+            if any(name.startswith(outer + ".") for outer in unwrapped):
+                continue  # nested in a layer already replaced by its innermost base (adapters on parameters)
             if isinstance(module, AdapterLayer):
                 set_submodule(self.model, name, module.get_base_layer())
+                unwrapped.append(name)
             else:
                 current = module._current() if keep_trained_copies else module.original_module
                 set_submodule(self.model, name, current)
@@ -456,6 +461,15 @@ def tuner_class(peft_type: object) -> type[TunerModel]:
         bases = (base,) if spec.tuner_mixin is None else (spec.tuner_mixin, base)
         _TUNER_CLASSES[spec.tuner_name] = type(spec.tuner_name, bases, {"__module__": __name__})
     return _TUNER_CLASSES[spec.tuner_name]
+
+
+def _nested(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` and the adapter layers nested inside it as its ``base_layer`` chain (adapters on several
+    parameters of one module wrap each other)."""
+    yield module
+    while isinstance(module, AdapterLayer) and isinstance(module.base_layer, AdapterLayer):
+        module = module.base_layer
+        yield module
 
 
 def find_adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:

@@ -153,8 +153,11 @@ class AppliedPlan:
 
 
 def adapter_dtype(base: nn.Module, autocast_adapter_dtype: bool) -> torch.dtype:
-    """Adapters live in float32 on half-precision bases when ``autocast_adapter_dtype``; else in the base dtype."""
+    """Adapters live in float32 on half-precision bases when ``autocast_adapter_dtype``; else in the base dtype (of
+    its ``weight``, or of its first floating-point parameter: an experts module holds ``gate_up_proj`` etc.)."""
     weight = getattr(base, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        weight = next((p for p in base.parameters(recurse=False) if p.is_floating_point()), None)
     dtype = weight.dtype if isinstance(weight, torch.Tensor) else torch.float32
     if (autocast_adapter_dtype and dtype in (torch.float16, torch.bfloat16)) or not dtype.is_floating_point:
         return torch.float32
@@ -192,7 +195,7 @@ def apply_plan(
                 new.train(False)
             if new is not module:
                 set_submodule(model, layer.name, new)
-                applied.replaced[layer.name] = module
+                applied.replaced.setdefault(layer.name, module)  # several wrappers may nest at one name
         for name in plan.modules_to_save:
             module = model.get_submodule(name)
             if not isinstance(module, ModulesToSaveWrapper):

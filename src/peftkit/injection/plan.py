@@ -14,12 +14,20 @@ from typing import Any
 from torch import nn
 
 from ..config import PeftConfig
-from ..errors import NoMatchingPeftModuleError, PeftRuntimeWarning, PeftWarning, closest_names
+from ..errors import (
+    ConfigError,
+    NoMatchingPeftModuleError,
+    PeftRuntimeWarning,
+    PeftWarning,
+    UnsupportedModuleError,
+    closest_names,
+)
 from ..layers.base import AdapterLayer
 from ..layers.dispatch import is_linear_like
 from ..layers.modules_to_save import ModulesToSaveWrapper
 from ..module_utils import model_embedding, walk_modules
 from ..registry import MethodSpec
+from ..target_tables import DIRECT_WEIGHT_MODULES, MAMBA_FUSED_MODULES, MAMBA_MODEL_TYPES, NOT_LINEAR_CLASSES
 from .match import ALL_LINEAR, in_layers, inside_any, matches
 
 #: classification heads the reference adds to ``modules_to_save`` for SEQ_CLS / TOKEN_CLS, and QA's head
@@ -104,11 +112,16 @@ def plan_injection(
         ):
             other_layers += 1
             continue
+        _refuse_unreachable(model, name, module)
         layers.append(LayerPlan(name, method.layer_options(name, module, config)))
         planned.append((name, module))
-    if not layers:
+    parameter_layers = _plan_parameters(modules, config, method, {layer.name for layer in layers})
+    if not layers and not parameter_layers:
         _raise_no_match(targets, config, modules, excluded, other_layers)
-    _warn_unused_patterns(config, [layer.name for layer in layers], method.pattern_fields)
+    pattern_names = [layer.name for layer in layers]
+    pattern_names += [f"{layer.name}.{layer.options['parameter_name']}" for layer in parameter_layers]
+    layers.extend(parameter_layers)
+    _warn_unused_patterns(config, pattern_names, method.pattern_fields)
     _warn_unused_excludes(config, [name for name, _ in modules])
     _warn_fan_in_fan_out(config, layers)
     if method.check_plan is not None:
@@ -123,6 +136,54 @@ def plan_injection(
         modules_to_save_names=tuple(save_entries) if save_entries else None,
         config_fields=config_fields,
     )
+
+
+def _plan_parameters(modules: list[tuple[str, nn.Module]], config: PeftConfig, method: MethodSpec,
+                     module_layers: set[str]) -> list[LayerPlan]:
+    """One :class:`LayerPlan` per parameter that ``config.target_parameters`` selects (``"<module>.<param>"`` equal
+    to an entry or ending with ``"." + entry``, as the reference; ``exclude_modules`` and ``layers_to_transform``
+    do not apply to parameters there either), in each module's definition order: the first is wrapped first, so it
+    ends up innermost. Raises for a module that is also a module target, or that already holds adapters on another
+    set of parameters (the nesting, and so the checkpoint keys, would differ)."""
+    targets = getattr(config, "target_parameters", None)
+    if not targets:
+        return []
+    if method.parameter_options is None:
+        raise ConfigError("target_parameters", targets, f"{method.peft_type} cannot adapt parameters; allowed: None")
+    plans: list[LayerPlan] = []
+    for name, module in modules:
+        owner = module.get_base_layer() if isinstance(module, AdapterLayer) else module
+        hits = [p for p, _ in owner.named_parameters(recurse=False)
+                if any(f"{name}.{p}" == t or f"{name}.{p}".endswith("." + t) for t in targets)]
+        if not hits:
+            continue
+        present = _parameter_chain(module)
+        if name in module_layers or (isinstance(module, AdapterLayer) and present is None):
+            raise ConfigError("target_parameters", sorted(targets), f"the parameters {hits} of {name!r} cannot be "
+                              "adapted: the module itself is adapted (target_modules); allowed: parameters of "
+                              "modules that target_modules does not select (e.g. target_modules=[])")
+        if present and set(present) != set(hits):
+            raise ConfigError("target_parameters", sorted(targets), f"{name!r} already holds adapters on its "
+                              f"parameters {sorted(present)}, and this adapter targets {sorted(hits)}; all adapters "
+                              "on a module's parameters must target the same ones (their checkpoint keys depend on it)")
+        plans.extend(LayerPlan(name, method.parameter_options(name, module, p, config)) for p in hits)
+    if not plans:
+        warnings.warn(f"target_parameters={sorted(targets)} were set but no parameter was matched", PeftRuntimeWarning,
+                      stacklevel=4)
+    return plans
+
+
+def _parameter_chain(module: nn.Module) -> list[str] | None:
+    """The parameter names adapted by the wrappers around ``module`` (outermost first); [] for a plain module,
+    None for an adapter layer that adapts the module itself."""
+    names: list[str] = []
+    while isinstance(module, AdapterLayer):
+        parameter = getattr(module, "parameter_name", None)
+        if parameter is None:
+            return None
+        names.append(parameter)
+        module = module.base_layer
+    return names
 
 
 def plan_modules_to_save(
@@ -160,13 +221,41 @@ def _resolve_targets(
 
 def _all_linear(model: nn.Module, config: PeftConfig, modules: list[tuple[str, nn.Module]]) -> set[str]:
     """Full names of every linear layer except the output head (or the classification head for SEQ_CLS)."""
-    names = {name for name, module in modules if is_linear_like(module)}
+    names = {name for name, module in modules if is_linear_like(module) and _unreachable(model, name, module) is None}
     head = model_embedding(model, "get_output_embeddings")
     if head is None and str(config.task_type) == "SEQ_CLS":
         head = next((getattr(model, n) for n in SEQ_CLS_HEADS if isinstance(getattr(model, n, None), nn.Module)), None)
     if head is not None:
         names -= {name for name, module in modules if module is head or getattr(module, "base_layer", None) is head}
     return names
+
+
+def _unreachable(model: nn.Module, name: str, module: nn.Module) -> str | None:
+    """Why an adapter on ``module`` (at ``name``) could not work, or None: an ``nn.Linear`` subclass that is not a
+    plain linear map (``target_tables.NOT_LINEAR_CLASSES``: tuple-returning MoE routers), or a weight that the
+    model reads directly (``target_tables.DIRECT_WEIGHT_MODULES``). These
+    are left out of ``all-linear`` and refused when named."""
+    base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
+    if type(base).__name__ in NOT_LINEAR_CLASSES:
+        return f"{type(base).__name__} subclasses nn.Linear but {NOT_LINEAR_CLASSES[type(base).__name__]}"
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if name.rsplit(".", 1)[-1] in DIRECT_WEIGHT_MODULES.get(model_type or "", ()):
+        return f"model_type={model_type!r} reads its weight directly (weight @ x) without calling the module"
+    return None
+
+
+def _refuse_unreachable(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Raise :class:`UnsupportedModuleError` for a targeted module an adapter cannot work on (:func:`_unreachable`),
+    or an ``out_proj`` / ``conv1d`` of a Mamba model, whose fused CUDA kernel reads those weights directly (the
+    reference's rule, ``ValueError``), so the adapter would be skipped on GPU."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    reason = _unreachable(model, name, module)
+    if reason is None and model_type in MAMBA_MODEL_TYPES and name.rsplit(".", 1)[-1] in MAMBA_FUSED_MODULES:
+        reason = (f"it is incompatible with Mamba-based models (model_type={model_type!r}): the fused CUDA kernel "
+                  f"reads the weights of {sorted(MAMBA_FUSED_MODULES)} directly, so an adapter would be skipped")
+    if reason is not None:
+        raise UnsupportedModuleError(f"Module {name!r} cannot be adapted: {reason}. Remove it from target_modules "
+                                     "(all-linear leaves such modules out where it can)")
 
 
 def _resolve_modules_to_save(

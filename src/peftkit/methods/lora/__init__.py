@@ -21,6 +21,7 @@ from .config import LoraConfig
 from .convert import convert_to_lora
 from .init import SUPPORTED_INITS, is_supported_init, uses_base_weight
 from .layers import Conv, Embedding, Linear, LoraLayer
+from .param import ParamLayer
 from .quantized import QuantLinear
 
 _LAYER_CLASSES: dict[str, type[LoraLayer]] = {LINEAR: Linear, HF_CONV1D: Linear, EMBEDDING: Embedding, CONV: Conv,
@@ -29,7 +30,6 @@ _LAYER_CLASSES: dict[str, type[LoraLayer]] = {LINEAR: Linear, HF_CONV1D: Linear,
 #: config fields peftkit accepts (for file compatibility) but does not implement yet, with their inert values
 _NOT_YET: dict[str, tuple[object, ...]] = {
     "trainable_token_indices": (None,),
-    "target_parameters": (None, []),
     "layer_replication": (None,),
     "alora_invocation_tokens": (None,),
     "use_qalora": (False,),
@@ -73,13 +73,48 @@ def _layer_options(name: str, module: nn.Module, config: PeftConfig) -> dict[str
     }
 
 
+#: the layer kind of a parameter selected by ``target_parameters``
+PARAM = "param"
+
+
+def _parameter_options(name: str, module: nn.Module, parameter_name: str, config: PeftConfig) -> dict[str, Any]:
+    """Per-parameter facts (rank and alpha after the patterns, keyed ``"<module>.<param>"``); the LoRA options
+    that cannot apply to a parameter raise, as the reference's ``ParamWrapper`` does."""
+    assert isinstance(config, LoraConfig)
+    key = f"{name}.{parameter_name}"
+    unsupported = (("lora_dropout", config.lora_dropout != 0, "0.0 (x cannot be factored out of B(A(dropout(x))))"),
+                   ("use_dora", config.use_dora, "False"), ("lora_bias", config.lora_bias, "False"),
+                   ("fan_in_fan_out", config.fan_in_fan_out, "False"),
+                   ("init_lora_weights", not (isinstance(config.init_lora_weights, bool)
+                                              or config.init_lora_weights == "gaussian"), "True, False or 'gaussian'"))
+    for field_name, bad, allowed in unsupported:
+        if bad:
+            raise ConfigError(field_name, getattr(config, field_name),
+                              f"LoRA on parameters (target_parameters, here {key!r}) does not support it; "
+                              f"allowed: {allowed}")
+    return {"kind": PARAM, "parameter_name": parameter_name,
+            "r": pattern_value(config.rank_pattern, key, config.r),
+            "lora_alpha": pattern_value(config.alpha_pattern, key, config.lora_alpha)}
+
+
 def _create_layer(
     module: nn.Module, options: dict[str, Any], config: PeftConfig, adapter_name: str, dtype: torch.dtype
 ) -> LoraLayer:
     assert isinstance(config, LoraConfig)
+    if options["kind"] == PARAM:  # the chain's layer for this parameter, or a new one around the chain
+        existing = module.find(options["parameter_name"]) if isinstance(module, ParamLayer) else None
+        outer = module if existing is not None else ParamLayer(module, options["parameter_name"])
+        _update(existing or outer, options, config, adapter_name, dtype)
+        return outer
     layer = module if isinstance(module, LoraLayer) else _LAYER_CLASSES[options["kind"]](
         module, fan_in_fan_out=options["fan_in_fan_out"]
     )
+    _update(layer, options, config, adapter_name, dtype)
+    return layer
+
+
+def _update(layer: LoraLayer, options: dict[str, Any], config: LoraConfig, adapter_name: str,
+            dtype: torch.dtype) -> None:
     layer.update_layer(
         adapter_name,
         r=options["r"],
@@ -91,7 +126,6 @@ def _create_layer(
         use_dora=config.use_dora,
         dtype=dtype,
     )
-    return layer
 
 
 def _check_config(config: PeftConfig, model: nn.Module) -> None:
@@ -148,6 +182,7 @@ LORA = register_method(
         combine=add_weighted_adapter,
         convert_for_save=convert_to_lora,
         init_changes_base=lambda config: uses_base_weight(getattr(config, "init_lora_weights", True)),
+        parameter_options=_parameter_options,
         init_allocates=lambda config: (uses_base_weight(getattr(config, "init_lora_weights", True))
                                        or bool(getattr(config, "use_dora", False))),
     )

@@ -59,10 +59,13 @@ class LoraLayer(AdapterLayer):
     in_features: int
     out_features: int
 
-    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False,
+                 features: tuple[int, int] | None = None) -> None:
+        """``features``: ``(in, out)`` when the layer adapts something other than the base's ``weight``
+        (:class:`~.param.ParamLayer`); by default they come from the base weight's shape."""
         super().__init__(base_layer)
         base = self.get_base_layer()
-        in_features, out_features = _features(base, tuple(base.weight.shape), fan_in_fan_out)
+        in_features, out_features = features or _features(base, tuple(base.weight.shape), fan_in_fan_out)
         # plain attributes of a fresh module: set directly (nn.Module.__setattr__ costs ~3 µs each, per layer)
         vars(self).update(
             r={},  # dict[str, int]
@@ -109,7 +112,7 @@ class LoraLayer(AdapterLayer):
         self.scaling[adapter_name] = lora_scaling(r, lora_alpha, use_rslora)
         add_child(self.lora_dropout, adapter_name,
                   nn.Dropout(p=lora_dropout) if lora_dropout > 0 else new_module(nn.Identity))
-        weight = self.get_base_layer().weight
+        weight = self.adapted_weight()
         # meta: nothing to fill. Loading: A and B stay on meta and adopt the checkpoint's tensors (missing ones
         # become zeros after it); PiSSA/OLoRA change the base weight and DoRA's magnitude is computed from A and B,
         # so they always init.
@@ -126,6 +129,11 @@ class LoraLayer(AdapterLayer):
         if use_dora:
             self._create_dora(adapter_name)
         self._refresh()
+
+    def adapted_weight(self) -> torch.Tensor:
+        """The base tensor this layer's adapters update (its device and dtype are the adapters'): the base
+        layer's ``weight``; another parameter for :class:`~.param.ParamLayer`."""
+        return self.get_base_layer().weight
 
     # ------------------------------------------------------------------ DoRA (layout: see dora.py)
     def _dora_view(self, weight: torch.Tensor) -> torch.Tensor:

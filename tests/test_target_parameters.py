@@ -1,0 +1,250 @@
+"""LoRA on parameters (``LoraConfig(target_parameters=[...])``): the experts of transformers' MoE models (3-D
+parameters) and any 2-D or 3-D parameter of a custom module (issue 17, item 1 and 2).
+
+Interop runs both ways against the reference on tiny models of every MoE architecture transformers 5 stores as
+parameters; outputs are compared after perturbing the adapter weights (``init_lora_weights=False``) with a
+tolerance from the dtype and the reduction length (different kernels: the reference forms ``W + ΔW``, peftkit adds
+the low-rank term on the routed tokens).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import peft
+import pytest
+import torch
+from moe_models import moe_model
+from numerics import TINY_MODEL_REDUCTION, fp_tol
+from torch import nn
+
+from peftkit import (
+    ConfigError,
+    LoraConfig,
+    PeftModel,
+    get_peft_model,
+    get_peft_model_state_dict,
+)
+from peftkit.errors import UnsupportedOperationError
+from peftkit.methods.lora import param as param_module
+from peftkit.methods.lora.param import ParamLayer
+
+TOL = fp_tol(torch.float32, TINY_MODEL_REDUCTION)
+EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
+#: decorated experts (routed path) and Llama 4 (own forward: W + ΔW for the call)
+MODELS = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe", "qwen3_next",
+          "gpt_oss", "phimoe", "llama4"]
+
+
+def _config(lib: object = None, **overrides: object) -> object:
+    kwargs = {"r": 2, "lora_alpha": 4, "target_modules": [], "target_parameters": EXPERTS, "init_lora_weights": False,
+              **overrides}
+    return (lib or peft).LoraConfig(**kwargs) if lib is peft else LoraConfig(**kwargs)
+
+
+def _ids() -> torch.Tensor:
+    return torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(_ids()).logits
+
+
+def _quiet() -> warnings.catch_warnings:
+    context = warnings.catch_warnings()
+    context.__enter__()
+    warnings.simplefilter("ignore")
+    return context
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_peftkit_files_load_in_the_reference(name: str, tmp_path) -> None:
+    torch.manual_seed(1)
+    ours = get_peft_model(moe_model(name), _config()).eval()
+    expected = _logits(ours)
+    assert not torch.allclose(expected, _logits(moe_model(name).eval()), **TOL)  # the adapter changes the output
+    ours.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(moe_model(name), str(tmp_path)).eval()
+    torch.testing.assert_close(_logits(theirs), expected, **TOL)
+    assert set(peft.get_peft_model_state_dict(theirs)) == set(get_peft_model_state_dict(ours))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_reference_files_load_in_peftkit(name: str, tmp_path) -> None:
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(moe_model(name), _config(peft)).eval()
+    expected = _logits(theirs)
+    theirs.save_pretrained(str(tmp_path))
+    ours = PeftModel.from_pretrained(moe_model(name), tmp_path).eval()
+    torch.testing.assert_close(_logits(ours), expected, **TOL)
+    mine = get_peft_model(moe_model(name), _config())
+    count = sum(p.numel() for p in mine.parameters() if p.requires_grad)
+    assert count == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    assert ours.peft_config["default"].target_parameters is not None
+
+
+def _routed_and_materialised(name: str, monkeypatch: pytest.MonkeyPatch) -> tuple[tuple[torch.Tensor, ...], ...]:
+    results = []
+    for materialise in (False, True):
+        with monkeypatch.context() as patch:
+            if materialise:
+                patch.setattr(param_module, "routed_forward", lambda *args: None)
+            torch.manual_seed(1)
+            model = get_peft_model(moe_model(name), _config())
+            loss = model(_ids(), labels=_ids()).loss
+            loss.backward()
+            grads = [p.grad for _, p in sorted(model.named_parameters()) if p.requires_grad]
+            results.append((loss.detach(), *grads))
+    return tuple(results)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss", "qwen3_next", "deepseek_v3"])
+def test_routed_lora_equals_materialised_weights(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loss and every adapter gradient of the routed path equal those of ``W + ΔW`` (the reference's formula)."""
+    routed, materialised = _routed_and_materialised(name, monkeypatch)
+    assert len(routed) == len(materialised) > 1
+    for got, want in zip(routed, materialised):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_the_routed_path_is_taken_for_transformers_experts(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = param_module.routed_forward
+    monkeypatch.setattr(param_module, "routed_forward", lambda *a: calls.append(1) or real(*a))
+    model = get_peft_model(moe_model("mixtral"), _config())
+    out = real_calls = model(_ids()).logits
+    assert out.shape == (2, 9, 64) and real_calls is out
+    assert len(calls) == 2  # one per layer: the outer wrapper computes both nested parameters
+
+
+@pytest.mark.parametrize("name", ["mixtral", "gpt_oss"])
+def test_merge_unmerge_unload(name: str) -> None:
+    torch.manual_seed(1)
+    model = get_peft_model(moe_model(name), _config()).eval()
+    expected = _logits(model)
+    model.merge_adapter()
+    torch.testing.assert_close(_logits(model), expected, **TOL)
+    model.unmerge_adapter()
+    torch.testing.assert_close(_logits(model), expected, **TOL)
+    with model.disable_adapter():
+        torch.testing.assert_close(_logits(model), _logits(moe_model(name).eval()), **TOL)
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(_logits(merged), expected, **TOL)
+    experts = merged.model.layers[0].mlp.experts
+    assert type(experts).__name__.endswith("Experts") and not any(isinstance(m, ParamLayer) for m in merged.modules())
+    assert not hasattr(experts, "base_layer")
+
+
+def test_save_and_load_round_trip_exactly(tmp_path) -> None:
+    torch.manual_seed(1)
+    model = get_peft_model(moe_model("qwen3_moe"), _config()).eval()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(moe_model("qwen3_moe"), tmp_path).eval()
+    assert torch.equal(_logits(loaded), _logits(model))  # same tensors, same code path
+    keys = set(get_peft_model_state_dict(model))
+    assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in keys  # gate_up_proj, nested
+    assert "base_model.model.model.layers.0.mlp.experts.lora_B.weight" in keys  # down_proj, outer
+
+
+def test_two_adapters_on_the_same_parameters_and_switching() -> None:
+    torch.manual_seed(1)
+    model = get_peft_model(moe_model("mixtral"), _config()).eval()
+    first = _logits(model)
+    model.add_adapter("other", _config(r=3))
+    model.set_adapter("other")
+    second = _logits(model)
+    assert not torch.allclose(first, second)
+    model.set_adapter("default")
+    torch.testing.assert_close(_logits(model), first, **TOL)
+    experts = model.base_model.model.model.layers[0].mlp.experts
+    assert [layer.parameter_name for layer in experts.chain()] == ["down_proj", "gate_up_proj"]
+    assert all(set(layer.lora_A) == {"default", "other"} for layer in experts.chain())
+
+
+def test_rules_of_the_reference_raise_typed_errors() -> None:
+    model = get_peft_model(moe_model("mixtral"), _config())
+    with pytest.raises(ConfigError, match="same ones"):
+        model.add_adapter("other", _config(target_parameters=["experts.down_proj"]))
+    assert list(model.peft_config) == ["default"]
+    for field, value in (("lora_dropout", 0.1), ("use_dora", True), ("lora_bias", True),
+                         ("init_lora_weights", "pissa")):
+        with pytest.raises(ConfigError, match=field):
+            get_peft_model(moe_model("mixtral"), _config(**{field: value}))
+    with pytest.raises(ConfigError, match="the module itself is adapted"):
+        get_peft_model(moe_model("mixtral"), _config(target_modules=["q_proj"], target_parameters=["q_proj.weight"]))
+    with pytest.raises(ConfigError, match="target_parameters"):
+        LoraConfig(target_parameters="experts.down_proj")
+
+
+def test_mixed_batches_are_refused() -> None:
+    model = get_peft_model(moe_model("mixtral"), _config()).eval()
+    with pytest.raises(UnsupportedOperationError, match="mixed adapter batches"):
+        model(_ids(), adapter_names=["default", "default"])
+
+
+def test_router_weight_saves_the_keys_of_a_linear_layer(tmp_path) -> None:
+    """A 2-D parameter (Mixtral's router ``gate.weight``) gets ``lora_A: (r, in)``, ``lora_B: (out, r)`` under the
+    module's name, the keys a LoRA ``nn.Linear`` would have; mixed with module targets."""
+    torch.manual_seed(1)
+    config = _config(target_modules=["q_proj"], target_parameters=["gate.weight"])
+    model = get_peft_model(moe_model("mixtral"), config).eval()
+    keys = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
+    assert keys["base_model.model.model.layers.0.mlp.gate.lora_A.weight"] == (2, 32)
+    assert keys["base_model.model.model.layers.0.mlp.gate.lora_B.weight"] == (4, 2)
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(moe_model("mixtral"), str(tmp_path)).eval()
+    torch.testing.assert_close(_logits(theirs), _logits(model), **TOL)
+
+
+class _Custom(nn.Module):
+    """A module with a 3-D ``(E, out, in)`` parameter applied to every expert and a 2-D ``(out, in)`` one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack = nn.Parameter(torch.randn(3, 6, 5))
+        self.proj = nn.Parameter(torch.randn(4, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (B, 5) -> (B, 4)``."""
+        hidden = torch.einsum("eoi,bi->bo", self.stack, x)
+        return hidden @ self.proj.T
+
+
+class _Holder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = _Custom()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+def test_any_module_parameters_match_a_plain_formula_and_the_reference(tmp_path) -> None:
+    """Outside transformers' experts, the parameters are replaced by ``W + ΔW`` for the call: checked against the
+    formula written here and against the reference's file."""
+    torch.manual_seed(1)
+    config = _config(target_parameters=["block.stack", "block.proj"], r=2)
+    model = get_peft_model(_Holder(), config)
+    x = torch.randn(7, 5)
+    stack_layer = model.base_model.model.block.find("stack")
+    proj_layer = model.base_model.model.block.find("proj")
+    A, B = stack_layer.expert_factors("default")  # (E, r, in), (E, out, r)
+    stack = _Holder().block.stack + torch.bmm(B, A) * stack_layer.scaling["default"]
+    proj = _Holder().block.proj + (proj_layer.lora_B["default"].weight @ proj_layer.lora_A["default"].weight) * 2.0
+    expected = torch.einsum("eoi,bi->bo", stack, x) @ proj.T
+    torch.testing.assert_close(model(x), expected, **TOL)
+    model.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(_Holder(), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), model(x), **TOL)
