@@ -275,11 +275,24 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join([line, sep, *body])
 
 
-def machine_info() -> dict[str, Any]:
-    """Python/torch versions, CPU count and load average (for the report header)."""
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; ``platform.processor()`` elsewhere), or "unknown"."""
     import platform
 
-    info: dict[str, Any] = {"python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """Python/torch versions, CPU model and count, and load average (for the report header)."""
+    import platform
+
+    info: dict[str, Any] = {"python": platform.python_version(), "cpu_model": cpu_model(), "cpus": os.cpu_count()}
     try:
         info["loadavg"] = os.getloadavg()
     except OSError:

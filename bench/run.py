@@ -1,9 +1,10 @@
 """peftkit against the reference (🤗 PEFT 0.21.2), side by side in one run: train, generate, mixed, inject, io,
-import, merge. Prints a table per case and a summary of the performance issue's "Done when" ratios.
+import, merge, moe. Prints a table per case and a summary of the performance issue's "Done when" ratios.
 
 How to run (from the repo root, with the project venv)::
 
     .venv/bin/python bench/run.py                                  # everything, both libraries (~30-40 min)
+    .venv/bin/python bench/run.py --cases moe --rounds 6           # MoE training only (~2-3 min)
     .venv/bin/python bench/run.py --cases train,generate --json out.json
     .venv/bin/python bench/run.py --lib peftkit --cases inject,io  # one library (no cross-library ratios)
     .venv/bin/python bench/run.py --quick --json quick.json        # tiny shapes, 1 rep (CI smoke test, < 1 min)
@@ -36,6 +37,13 @@ Cases (98M = Llama-style h768/ff2048/12 layers/12 heads/vocab 8192; LoRA r=16, a
   on a fresh base vs raw ``load_file`` (the same adapter file for both libraries).
 - ``import``: ``python -c "import peftkit"`` vs ``"import peft"`` (and ``pass``, ``import torch``), wall time.
 - ``merge``: ``merge_and_unload`` vs raw ``W.addmm_(B, A, alpha=scaling)`` per target; max|merged - unmerged|.
+- ``moe``: training a Mixtral-style MoE model built from ``MixtralConfig`` (h512/ff1024/2 layers/8 heads/8 experts,
+  top-2, vocab 1000; batch 4x128, fp32, loss on the inputs, AdamW) with LoRA r=16, alpha=32 on q,k,v,o and, through
+  ``target_parameters``, on ``experts.gate_up_proj`` / ``experts.down_proj`` (3-D parameters); ``floor`` (frozen
+  base, no adapter) and one subprocess per library. Step time, peak RSS, saved activations, and the per-round
+  peftkit / reference ratios. Cross-library check: every trainable tensor set from one seeded generator in name
+  order in both libraries, then loss and LoRA gradients of a 1 x 32 batch compared (peftkit adds the expert update
+  on the routed tokens, the reference materialises ``W + dW`` per forward).
 """
 
 from __future__ import annotations
@@ -61,12 +69,15 @@ import harness
 import mixed_batch
 
 LIBS = ("peftkit", "peft")
-CASES = ("train", "generate", "mixed", "inject", "io", "import", "merge")
+CASES = ("train", "generate", "mixed", "inject", "io", "import", "merge", "moe")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 RANK, ALPHA = 16, 32
 INDEPENDENT = "-"  # the "library" of variants that use neither library (floor, manual, full)
 TRAIN_SHARED = ("floor", "manual", "full", "floor_bf16")
 TRAIN_LIB = ("d0", "d0.1", "bf16", "compiled")
+#: moe: LoRA on the attention projections and, through ``target_parameters``, on the experts' 3-D parameters
+MOE_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MOE_TARGET_PARAMETERS = ("experts.gate_up_proj", "experts.down_proj")
 
 SHAPES: dict[str, dict[str, Any]] = {
     "full": {
@@ -74,6 +85,8 @@ SHAPES: dict[str, dict[str, Any]] = {
                  "vocab_size": 8192, "tokens": 256},
         "1b": {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
                "num_key_value_heads": 4, "vocab_size": 32000, "tokens": 256},
+        "moe": {"hidden_size": 512, "intermediate_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 8,
+                "num_local_experts": 8, "num_experts_per_tok": 2, "vocab_size": 1000, "batch": 4, "seq": 128},
         "batch": 4, "seq": 256, "prompt": 32, "new_tokens": 64, "check_tokens": 32,
     },
     "quick": {
@@ -81,10 +94,12 @@ SHAPES: dict[str, dict[str, Any]] = {
                  "vocab_size": 256, "tokens": 32},
         "1b": {"hidden_size": 128, "intermediate_size": 352, "num_hidden_layers": 3, "num_attention_heads": 4,
                "num_key_value_heads": 2, "vocab_size": 512, "tokens": 32},
+        "moe": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_local_experts": 4, "num_experts_per_tok": 2, "vocab_size": 256, "batch": 2, "seq": 32},
         "batch": 2, "seq": 32, "prompt": 8, "new_tokens": 8, "check_tokens": 16,
     },
 }
-REPS = {"train": 3, "generate": 3, "mixed": 3, "inject": 5, "io": 7, "merge": 5, "import": 5}
+REPS = {"train": 3, "generate": 3, "mixed": 3, "inject": 5, "io": 7, "merge": 5, "import": 5, "moe": 5}
 
 #: the issue's "Done when" rows: (key, label, target upper bound or None for an informational row)
 DONE_WHEN: tuple[tuple[str, str, float | None], ...] = (
@@ -99,6 +114,8 @@ DONE_WHEN: tuple[tuple[str, str, float | None], ...] = (
     ("from_pretrained", "from_pretrained peftkit/ref", 0.3),
     ("import", "import peftkit / import peft (wall)", 0.5),
     ("inject_meta", "get_peft_model on 1.1B meta, peftkit/ref", 0.3),
+    ("moe_step_time", "MoE train step time peftkit/ref (LoRA on attention + experts)", 0.6),
+    ("moe_peak_rss", "MoE train peak RSS peftkit/ref (LoRA on attention + experts)", 0.85),
 )
 
 
@@ -137,6 +154,32 @@ def lora_config(lib: str, **kwargs: Any) -> Any:
     """``LoraConfig(r=16, lora_alpha=32, target_modules=q..down, task_type=CAUSAL_LM, **kwargs)`` of ``lib``."""
     return import_lib(lib).LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS), task_type="CAUSAL_LM",
                                       **kwargs)
+
+
+def build_moe_model(shape: dict[str, Any]) -> Any:
+    """A Mixtral-style MoE causal LM from ``MixtralConfig`` (seed 0, fp32, sdpa; experts stored as 3-D parameters
+    ``gate_up_proj`` (E, 2*ff, h) and ``down_proj`` (E, h, ff)), in eval mode with frozen weights."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_hidden_layers"], num_attention_heads=shape["num_attention_heads"],
+        num_key_value_heads=shape.get("num_key_value_heads", shape["num_attention_heads"]),
+        num_local_experts=shape["num_local_experts"], num_experts_per_tok=shape["num_experts_per_tok"],
+        vocab_size=shape["vocab_size"], max_position_embeddings=max(256, shape["seq"]), attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def moe_lora_config(lib: str) -> Any:
+    """``LoraConfig(r=16, lora_alpha=32)`` of ``lib`` on q,k,v,o and ``target_parameters`` on the experts."""
+    return import_lib(lib).LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(MOE_TARGET_MODULES),
+                                      target_parameters=list(MOE_TARGET_PARAMETERS), task_type="CAUSAL_LM")
 
 
 class ManualLoRA:
@@ -273,15 +316,7 @@ def task_train(lib: str, variant: str, ctx: argparse.Namespace) -> dict[str, Any
         with autocast():
             return run(input_ids=ids, labels=ids, use_cache=False).loss
 
-    def step() -> dict[str, harness.Timing]:
-        t_fwd, loss = harness.timed(forward)
-        t_bwd, _ = harness.timed(loss.backward)
-        del loss
-        t_opt = harness.Timing(0.0, 0.0)
-        if opt is not None:
-            t_opt, _ = harness.timed(lambda: (opt.step(), opt.zero_grad(set_to_none=True)))
-        return {"fwd": t_fwd, "bwd": t_bwd, "opt": t_opt}
-
+    step = train_step(forward, opt)
     rss_ready = harness.current_rss_mb()
     compile_s = None
     if variant == "compiled":  # the warm-up step compiles; no saved-tensor hooks (dynamo would trace them)
@@ -289,13 +324,7 @@ def task_train(lib: str, variant: str, ctx: argparse.Namespace) -> dict[str, Any
         compile_s = sum(t.wall for t in step().values())
     else:
         saved_mb = saved_activation_mb(model, forward, opt)  # the warm-up step
-    steps: dict[str, dict[str, list[float]]] = {k: {"cpu": [], "wall": []} for k in ("fwd", "bwd", "opt", "step")}
-    for _ in range(ctx.reps):
-        parts = step()
-        for clk in ("cpu", "wall"):
-            for k, t in parts.items():
-                steps[k][clk].append(getattr(t, clk))
-            steps["step"][clk].append(sum(getattr(t, clk) for t in parts.values()))
+    steps = timed_steps(step, ctx.reps)
     peak = harness.peak_rss_mb()
     out = {"steps": steps, "peak_rss_mb": peak, "rss_start_mb": rss_start, "rss_ready_mb": rss_ready,
            "rss_growth_mb": None if peak is None or rss_ready is None else peak - rss_ready,
@@ -305,6 +334,34 @@ def task_train(lib: str, variant: str, ctx: argparse.Namespace) -> dict[str, Any
         del opt
         out["grad_check"] = grad_check(model, shape)
     return out
+
+
+def train_step(forward: Callable[[], Any], opt: Any) -> Callable[[], dict[str, harness.Timing]]:
+    """One training step (forward -> scalar loss, backward, ``opt.step`` + ``zero_grad`` where ``opt`` is given),
+    returning the CPU / wall :class:`harness.Timing` of each part: ``{"fwd", "bwd", "opt"}``."""
+
+    def step() -> dict[str, harness.Timing]:
+        t_fwd, loss = harness.timed(forward)
+        t_bwd, _ = harness.timed(loss.backward)
+        del loss
+        t_opt = harness.Timing(0.0, 0.0)
+        if opt is not None:
+            t_opt, _ = harness.timed(lambda: (opt.step(), opt.zero_grad(set_to_none=True)))
+        return {"fwd": t_fwd, "bwd": t_bwd, "opt": t_opt}
+
+    return step
+
+
+def timed_steps(step: Callable[[], dict[str, harness.Timing]], reps: int) -> dict[str, dict[str, list[float]]]:
+    """``reps`` timed calls of ``step``: ``{"fwd" | "bwd" | "opt" | "step": {"cpu": [s, ...], "wall": [s, ...]}}``."""
+    steps: dict[str, dict[str, list[float]]] = {k: {"cpu": [], "wall": []} for k in ("fwd", "bwd", "opt", "step")}
+    for _ in range(reps):
+        parts = step()
+        for clk in ("cpu", "wall"):
+            for k, t in parts.items():
+                steps[k][clk].append(getattr(t, clk))
+            steps["step"][clk].append(sum(getattr(t, clk) for t in parts.values()))
+    return steps
 
 
 def saved_activation_mb(model: Any, forward: Callable[[], Any], opt: Any) -> float:
@@ -360,6 +417,68 @@ def grad_check(model: Any, shape: dict[str, Any]) -> dict[str, float]:
         scale = max(scale, float(A.grad.abs().max()), float(B.grad.abs().max()))
     return {"max_abs_diff": diff, "max_abs_grad": scale, "loss_diff": abs(loss.item() - plain_loss.item()),
             "modules": len(tensors)}
+
+
+# ============================================================================================ worker: moe
+def task_moe(lib: str, ctx: argparse.Namespace) -> dict[str, Any]:
+    """MoE training (see the module docstring): ``lib`` is a library (LoRA on attention and experts) or
+    ``INDEPENDENT`` (the floor: frozen base, ``enable_input_require_grads``, no adapter, no optimizer).
+
+    Per-step times, peak RSS, bytes saved for backward; for a library, the cross-library check's file.
+    """
+    import torch
+
+    shape = SHAPES[ctx.size]["moe"]
+    harness.reset_peak_rss()
+    rss_start = harness.current_rss_mb()
+    model = build_moe_model(shape)
+    model.train()
+    if lib == INDEPENDENT:
+        model.enable_input_require_grads()
+    else:
+        torch.manual_seed(1)
+        model = import_lib(lib).get_peft_model(model, moe_lora_config(lib))
+        model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if lib != INDEPENDENT else None
+    ids = token_batch(shape["vocab_size"], shape["batch"], shape["seq"])
+
+    def forward() -> Any:
+        return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    rss_ready = harness.current_rss_mb()
+    saved_mb = saved_activation_mb(model, forward, opt)  # the warm-up step
+    steps = timed_steps(train_step(forward, opt), ctx.reps)
+    peak = harness.peak_rss_mb()
+    out = {"steps": steps, "peak_rss_mb": peak, "rss_start_mb": rss_start, "rss_ready_mb": rss_ready,
+           "rss_growth_mb": None if peak is None or rss_ready is None else peak - rss_ready,
+           "saved_activation_mb": saved_mb, "trainable_params": sum(p.numel() for p in params)}
+    if lib != INDEPENDENT:
+        del opt
+        out["check_file"] = moe_cross_check(model, shape, ctx, lib)
+    return out
+
+
+def moe_cross_check(model: Any, shape: dict[str, Any], ctx: argparse.Namespace, lib: str) -> str:
+    """Set every trainable tensor from one seeded generator in name order (both libraries name and shape them
+    alike, so they get the same values), run a 1 x ``check_tokens`` batch forward and backward, and save
+    ``{"loss": float, "grads": {name: tensor}, "params": {name: shape}}`` for the driver to compare across libraries
+    (peftkit applies the expert update on the routed tokens, the reference on a materialised ``W + dW``)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(99)
+    named = sorted((n, p) for n, p in model.named_parameters() if p.requires_grad)
+    with torch.no_grad():
+        for _, p in named:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    ids = token_batch(shape["vocab_size"], 1, SHAPES[ctx.size]["check_tokens"], seed=77)
+    model.zero_grad(set_to_none=True)
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    path = Path(ctx.workdir) / f"moe-check-{lib}-{time.time_ns()}.pt"
+    torch.save({"loss": loss.item(), "grads": {n: p.grad.detach().clone() for n, p in named},
+                "params": {n: list(p.shape) for n, p in named}}, path)
+    return str(path)
 
 
 # ============================================================================================ worker: other cases
@@ -511,6 +630,8 @@ def run_task(spec: str, ctx: argparse.Namespace) -> dict[str, Any]:
         return task_train(lib, variant, ctx)
     if case == "mixed":
         return task_mixed(lib, int(variant), ctx)
+    if case == "moe":
+        return task_moe(lib, ctx)
     return {"generate": task_generate, "inject": task_inject, "io": task_io, "merge": task_merge}[case](lib, ctx)
 
 
@@ -558,6 +679,8 @@ def task_specs(case: str, libs: Sequence[str], counts: Sequence[int]) -> list[li
         return [specs]
     if case == "mixed":
         return [[f"mixed:{lib}:{n}" for lib in libs] for n in counts]
+    if case == "moe":
+        return [[f"moe:{INDEPENDENT}:floor", *(f"moe:{lib}:-" for lib in libs)]]
     return [[f"{case}:{lib}:-" for lib in libs]]
 
 
@@ -629,42 +752,79 @@ def safe(fn: Callable[[], float]) -> float | None:
         return None
 
 
+def train_row(rr: list[dict[str, Any]], floor: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """Summary row of one training task over its rounds: median step / part times (CPU s), wall step time, peak
+    RSS, RSS growth, saved MB, compile time, trainable parameters, ratios to ``floor`` (None: not run)."""
+    row = {f"{k}_s": safe(lambda k=k: harness.median(pooled(rr, "steps", k, "cpu"))) for k in ("step", "fwd", "bwd", "opt")}
+    row["step_wall_s"] = safe(lambda: harness.median(pooled(rr, "steps", "step", "wall")))
+    for key in ("peak_rss_mb", "rss_growth_mb", "saved_activation_mb", "compile_s"):
+        row[key] = safe(lambda key=key: harness.median(r[key] for r in rr))
+    row["trainable_params"] = safe(lambda: rr[0]["trainable_params"])
+    row["time_over_floor"] = safe(lambda: harness.per_round_ratio(per_round(rr, "steps", "step", "cpu"),
+                                                                  per_round(floor, "steps", "step", "cpu")))
+    row["peak_rss_over_floor"] = safe(lambda: harness.median_ratio([r["peak_rss_mb"] for r in rr],
+                                                                   [r["peak_rss_mb"] for r in floor]))
+    return row
+
+
+def lib_ratios(ours: list[dict[str, Any]] | None, ref: list[dict[str, Any]] | None) -> dict[str, float | None]:
+    """peftkit / reference of two training tasks run side by side: step / forward / backward time (per-round
+    ratios of CPU medians), peak RSS and saved activations (median of per-round ratios); None where not run."""
+    def time_ratio(part: str) -> float | None:
+        return safe(lambda: harness.per_round_ratio(per_round(ours, "steps", part, "cpu"),
+                                                    per_round(ref, "steps", part, "cpu")))
+
+    return {
+        "step_time": time_ratio("step"), "fwd_time": time_ratio("fwd"), "bwd_time": time_ratio("bwd"),
+        "peak_rss": safe(lambda: harness.median_ratio([x["peak_rss_mb"] for x in ours], [x["peak_rss_mb"] for x in ref])),
+        "saved_activations": safe(lambda: harness.median_ratio([x["saved_activation_mb"] for x in ours],
+                                                               [x["saved_activation_mb"] for x in ref])),
+    }
+
+
 def summarize_train(res: dict[str, list[dict[str, Any]]], libs: Sequence[str]) -> dict[str, Any]:
     names = [f"{INDEPENDENT}:{v}" for v in TRAIN_SHARED] + [f"{lib}:{v}" for v in TRAIN_LIB for lib in libs]
     runs = {n: res[f"train:{n}"] for n in names if f"train:{n}" in res}
     rows: dict[str, Any] = {}
     for name, rr in runs.items():
-        floor = runs.get(f"{INDEPENDENT}:floor_bf16" if name.endswith("bf16") else f"{INDEPENDENT}:floor")
-        row = {f"{k}_s": safe(lambda k=k, rr=rr: harness.median(pooled(rr, "steps", k, "cpu")))
-               for k in ("step", "fwd", "bwd", "opt")}
-        row["step_wall_s"] = safe(lambda rr=rr: harness.median(pooled(rr, "steps", "step", "wall")))
-        for key in ("peak_rss_mb", "rss_growth_mb", "saved_activation_mb", "compile_s"):
-            row[key] = safe(lambda rr=rr, key=key: harness.median(r[key] for r in rr))
-        row["trainable_params"] = safe(lambda rr=rr: rr[0]["trainable_params"])
-        row["time_over_floor"] = safe(lambda rr=rr, floor=floor: harness.per_round_ratio(
-            per_round(rr, "steps", "step", "cpu"), per_round(floor, "steps", "step", "cpu")))
-        row["peak_rss_over_floor"] = safe(lambda rr=rr, floor=floor: harness.median_ratio(
-            [r["peak_rss_mb"] for r in rr], [r["peak_rss_mb"] for r in floor]))
+        row = train_row(rr, runs.get(f"{INDEPENDENT}:floor_bf16" if name.endswith("bf16") else f"{INDEPENDENT}:floor"))
         if "grad_check" in rr[0]:
             row["grad_max_abs_diff"] = max(r["grad_check"]["max_abs_diff"] for r in rr)
             row["grad_max_abs"] = max(r["grad_check"]["max_abs_grad"] for r in rr)
         rows[name] = row
-    ratios = {}
-    for variant in TRAIN_LIB:
-        ours, ref = runs.get(f"peftkit:{variant}"), runs.get(f"peft:{variant}")
-        ratios[variant] = {
-            "step_time": safe(lambda o=ours, r=ref: harness.per_round_ratio(per_round(o, "steps", "step", "cpu"),
-                                                                            per_round(r, "steps", "step", "cpu"))),
-            "fwd_time": safe(lambda o=ours, r=ref: harness.per_round_ratio(per_round(o, "steps", "fwd", "cpu"),
-                                                                           per_round(r, "steps", "fwd", "cpu"))),
-            "bwd_time": safe(lambda o=ours, r=ref: harness.per_round_ratio(per_round(o, "steps", "bwd", "cpu"),
-                                                                           per_round(r, "steps", "bwd", "cpu"))),
-            "peak_rss": safe(lambda o=ours, r=ref: harness.median_ratio([x["peak_rss_mb"] for x in o],
-                                                                        [x["peak_rss_mb"] for x in r])),
-            "saved_activations": safe(lambda o=ours, r=ref: harness.median_ratio(
-                [x["saved_activation_mb"] for x in o], [x["saved_activation_mb"] for x in r])),
-        }
+    ratios = {variant: lib_ratios(runs.get(f"peftkit:{variant}"), runs.get(f"peft:{variant}")) for variant in TRAIN_LIB}
     return {"variants": rows, "peftkit_over_ref": ratios}
+
+
+def summarize_moe(res: dict[str, list[dict[str, Any]]], libs: Sequence[str]) -> dict[str, Any]:
+    """MoE training rows (floor and each library), peftkit / reference ratios with the per-round step-time and
+    peak-RSS ratios, and the cross-library check (loss and LoRA gradients with the same adapter weights)."""
+    import torch
+
+    names = [f"{INDEPENDENT}:floor", *(f"{lib}:-" for lib in libs)]
+    runs = {n: res[f"moe:{n}"] for n in names if f"moe:{n}" in res and "error" not in res[f"moe:{n}"][0]}
+    rows = {name.replace(":-", ""): train_row(rr, runs.get(f"{INDEPENDENT}:floor")) for name, rr in runs.items()}
+    out: dict[str, Any] = {"variants": rows}
+    ours, ref = runs.get("peftkit:-"), runs.get("peft:-")
+    if ours is None or ref is None:
+        return out
+    ratios: dict[str, Any] = lib_ratios(ours, ref)
+    ratios["step_time_per_round"] = [harness.median(o["steps"]["step"]["cpu"]) / harness.median(r["steps"]["step"]["cpu"])
+                                     for o, r in zip(ours, ref)]
+    ratios["peak_rss_per_round"] = [o["peak_rss_mb"] / r["peak_rss_mb"] for o, r in zip(ours, ref)]
+    out["peftkit_over_ref"] = ratios
+    a = torch.load(ours[0]["check_file"], weights_only=True)
+    b = torch.load(ref[0]["check_file"], weights_only=True)
+    same = a["params"] == b["params"]
+    out["check"] = {
+        "same_trainable_tensors": same,
+        "trainable_params_equal": ours[0]["trainable_params"] == ref[0]["trainable_params"],
+        "loss_abs_diff": abs(a["loss"] - b["loss"]),
+        "grad_max_abs_diff": max(float((a["grads"][k] - b["grads"][k]).abs().max()) for k in a["grads"]) if same else None,
+        "grad_max_abs": max(float(g.abs().max()) for g in a["grads"].values()),
+        "expert_grad_max_abs": max(float(g.abs().max()) for k, g in a["grads"].items() if ".experts." in k),
+    }
+    return out
 
 
 def summarize_generate(res: dict[str, list[dict[str, Any]]], libs: Sequence[str]) -> dict[str, Any]:
@@ -780,6 +940,8 @@ def summarize(res: dict[str, list[dict[str, Any]]], imports: dict[str, Any] | No
                                                       "from_pretrained": ("from_pretrained", "load_file")})
     if "merge" in cases:
         out["merge"] = summarize_pairs(res, "merge", libs, {"merge_and_unload": ("merge_and_unload", "addmm")})
+    if "moe" in cases:
+        out["moe"] = summarize_moe(res, libs)
     if imports is not None:
         out["import"] = summarize_import(imports, libs)
     return out
@@ -809,6 +971,8 @@ def done_when(summary: dict[str, Any]) -> list[dict[str, Any]]:
         "from_pretrained": get("io", "peftkit_over_ref", "from_pretrained"),
         "import": get("import", "peftkit_over_peft_wall"),
         "inject_meta": get("inject", "meta_1b", "peftkit_over_ref", "get_peft_model"),
+        "moe_step_time": get("moe", "peftkit_over_ref", "step_time"),
+        "moe_peak_rss": get("moe", "peftkit_over_ref", "peak_rss"),
     }
     rows = []
     for key, label, target in DONE_WHEN:
@@ -869,6 +1033,24 @@ def report(summary: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         out.append(table(["statement", "wall s", "cpu s", "maxrss MB"],
                          [[k, v, imp["median_cpu_s"][k], imp["median_maxrss_mb"][k]]
                           for k, v in imp["median_wall_s"].items()]))
+    if "moe" in summary:
+        m = summary["moe"]
+        out.append("\n## moe (Mixtral-style, LoRA on q,k,v,o + experts.gate_up_proj/down_proj; CPU s per step)\n")
+        cols = ("step_s", "fwd_s", "bwd_s", "opt_s", "step_wall_s", "peak_rss_mb", "rss_growth_mb",
+                "saved_activation_mb", "time_over_floor", "peak_rss_over_floor", "trainable_params")
+        out.append(table(["variant", *cols], [[name, *(row.get(c) for c in cols)] for name, row in m["variants"].items()]))
+        if "peftkit_over_ref" in m:
+            r = m["peftkit_over_ref"]
+            keys = ("step_time", "fwd_time", "bwd_time", "peak_rss", "saved_activations")
+            out.append("\npeftkit / reference (median over rounds):\n")
+            out.append(table(list(keys), [[r[k] for k in keys]]))
+            out.append("\nper round: step time " + ", ".join(harness.fmt(v) for v in r["step_time_per_round"])
+                       + "; peak RSS " + ", ".join(harness.fmt(v) for v in r["peak_rss_per_round"]))
+            c = m["check"]
+            out.append(f"same adapter weights in both libraries: |loss diff| {harness.fmt(c['loss_abs_diff'])}, "
+                       f"max|grad diff| {harness.fmt(c['grad_max_abs_diff'])} (max|grad| {harness.fmt(c['grad_max_abs'])}, "
+                       f"experts {harness.fmt(c['expert_grad_max_abs'])}); trainable params equal: "
+                       f"{c['trainable_params_equal']}")
     out.append("\n## Done when (informational; never asserted)\n")
     out.append(table(["ratio", "value", "target", "status"],
                      [[r["label"], r["value"], "-" if r["target"] is None else f"<= {r['target']:g}", r["status"]]

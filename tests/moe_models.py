@@ -6,8 +6,12 @@ from __future__ import annotations
 import torch
 import transformers as T
 
-COMMON = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 64,
-              "intermediate_size": 48, "max_position_embeddings": 64}
+COMMON = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "vocab_size": 64, "intermediate_size": 48, "max_position_embeddings": 64}
+DEEPSEEK = {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24, "n_shared_experts": 1,
+            "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "q_lora_rank": 16, "kv_lora_rank": 16,
+            "qk_rope_head_dim": 4, "qk_nope_head_dim": 4, "v_head_dim": 8}
+
 
 def moe_model(name: str) -> torch.nn.Module:
     """The tiny causal LM of model type ``name`` (see :data:`MOE_MODELS`)."""
@@ -24,16 +28,10 @@ def moe_model(name: str) -> torch.nn.Module:
     if name == "olmoe":
         cfg = T.OlmoeConfig(**COMMON, num_experts=4, num_experts_per_tok=2)
         return T.OlmoeForCausalLM(cfg)
-    if name == "deepseek_v3":
-        cfg = T.DeepseekV3Config(**COMMON, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
-                                 n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
-                                 q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
-        return T.DeepseekV3ForCausalLM(cfg)
-    if name == "deepseek_v2":
-        cfg = T.DeepseekV2Config(**COMMON, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
-                                 n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
-                                 q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
-        return T.DeepseekV2ForCausalLM(cfg)
+    if name in ("deepseek_v3", "deepseek_v2"):  # a dense first layer, then routed + shared experts
+        config_cls, model_cls = ((T.DeepseekV3Config, T.DeepseekV3ForCausalLM) if name == "deepseek_v3"
+                                 else (T.DeepseekV2Config, T.DeepseekV2ForCausalLM))
+        return model_cls(config_cls(**COMMON, **DEEPSEEK))
     if name == "glm4_moe":
         cfg = T.Glm4MoeConfig(**COMMON, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
                               n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1, head_dim=8)

@@ -16,7 +16,7 @@ LIBS = ("peftkit", "peft")
 DONE_WHEN_KEYS = {
     "train_peak_rss_d0", "train_peak_rss_d0.1", "train_step_time_d0", "train_step_time_d0.1", "train_step_time_compiled",
     "train_grad_max_abs_diff", "generate_unmerged_over_base_peftkit", "generate_unmerged_over_base_peft",
-    "from_pretrained", "import", "inject_meta",
+    "from_pretrained", "import", "inject_meta", "moe_step_time", "moe_peak_rss",
 }
 
 pytestmark = pytest.mark.interop
@@ -39,8 +39,10 @@ def quick_run(tmp_path_factory):
 def test_no_task_failed_and_report_printed(quick_run):
     data, stdout = quick_run
     assert data["errors"] == {}
-    assert set(data["cases"]) == {"train", "generate", "mixed", "inject", "io", "import", "merge"}
-    for heading in ("## train", "## generate", "## mixed", "## inject", "## io", "## merge", "## import", "## Done when"):
+    assert set(data["cases"]) == {"train", "generate", "mixed", "inject", "io", "import", "merge", "moe"}
+    assert data["settings"]["machine"]["cpu_model"]
+    for heading in ("## train", "## generate", "## mixed", "## inject", "## io", "## merge", "## import", "## moe",
+                    "## Done when"):
         assert heading in stdout
 
 
@@ -99,6 +101,27 @@ def test_inject_io_merge_import(quick_run):
         assert merge["merged_vs_raw_max_abs_diff"] < 1e-4
         assert positive(cases["import"]["median_wall_s"][lib]) and positive(cases["import"]["median_maxrss_mb"][lib])
     assert positive(cases["import"]["peftkit_over_peft_wall"])
+
+
+def test_moe_case(quick_run):
+    """MoE training (LoRA on attention and on the experts' 3-D parameters): every row measured, the ratios
+    present, and both libraries compute the same loss and LoRA gradients from the same adapter weights."""
+    moe = quick_run[0]["cases"]["moe"]
+    assert set(moe["variants"]) == {"-:floor", *LIBS}
+    for name, row in moe["variants"].items():
+        for key in ("step_s", "fwd_s", "bwd_s", "peak_rss_mb", "saved_activation_mb", "time_over_floor"):
+            assert positive(row[key]), (name, key, row[key])
+        if name in LIBS:
+            assert positive(row["opt_s"]) and row["trainable_params"] > 0, name
+    ratios = moe["peftkit_over_ref"]
+    assert all(positive(ratios[k]) for k in ("step_time", "fwd_time", "bwd_time", "peak_rss", "saved_activations"))
+    assert len(ratios["step_time_per_round"]) == len(ratios["peak_rss_per_round"]) == 1
+    check = moe["check"]
+    assert check["same_trainable_tensors"] and check["trainable_params_equal"]
+    assert check["expert_grad_max_abs"] > 1e-4  # the experts' LoRA is trained and the check is not trivial
+    # fp32, routed-token update against a materialised W + dW: float32 eps (1.2e-7) x largest gradient (~5e-2)
+    # x the longest reduction (ff=128) is ~8e-7; the loss (~ln 256 = 5.5) within ~16 ulps
+    assert check["grad_max_abs_diff"] <= 1e-6 and check["loss_abs_diff"] <= 1e-5, check
 
 
 def test_done_when_summary_has_every_row(quick_run):

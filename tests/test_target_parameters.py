@@ -22,6 +22,7 @@ from peftkit import (
     ConfigError,
     LoraConfig,
     PeftModel,
+    PeftWarning,
     get_peft_model,
     get_peft_model_state_dict,
 )
@@ -248,3 +249,112 @@ def test_any_module_parameters_match_a_plain_formula_and_the_reference(tmp_path)
         theirs = peft.PeftModel.from_pretrained(_Holder(), str(tmp_path))
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), model(x), **TOL)
+
+
+# ----------------------------------------------------------------------------- all-linear and defaults on MoE models
+#: the reference's trainable counts for all-linear (r=2) on these tiny models, for the record; checked live below
+CONVERTED = ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe", "qwen3_next"]
+
+
+def _adapted(state_dict_keys: set[str]) -> set[str]:
+    return {k.rsplit(".lora_", 1)[0] for k in state_dict_keys}
+
+
+@pytest.mark.parametrize("name", [*CONVERTED, "qwen2_moe", "gpt_oss"])
+def test_all_linear_adapts_what_the_reference_adapts(name: str, tmp_path) -> None:
+    """Experts and router included where the reference's MoE conversion puts them, the same modules and
+    parameters, the same trainable count, and files that load both ways with the same outputs."""
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(moe_model(name), _config(peft, target_modules="all-linear",
+                                                              target_parameters=None)).eval()
+        ours = get_peft_model(moe_model(name), _config(target_modules="all-linear", target_parameters=None)).eval()
+    assert _adapted(set(get_peft_model_state_dict(ours))) == _adapted(set(peft.get_peft_model_state_dict(theirs)))
+    count = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    assert count == sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    ours.save_pretrained(tmp_path / "ours")
+    theirs.save_pretrained(str(tmp_path / "theirs"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded_theirs = peft.PeftModel.from_pretrained(moe_model(name), str(tmp_path / "ours")).eval()
+        loaded_ours = PeftModel.from_pretrained(moe_model(name), tmp_path / "theirs").eval()
+    torch.testing.assert_close(_logits(loaded_theirs), _logits(ours), **TOL)
+    torch.testing.assert_close(_logits(loaded_ours), _logits(theirs), **TOL)
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe", "qwen3_next"])
+def test_linears_left_out_by_the_conversion_are_named_in_a_warning(name: str) -> None:
+    with pytest.warns(PeftWarning, match=r"not adapted: .*(mlp|shared_expert)"):
+        get_peft_model(moe_model(name), _config(target_modules="all-linear", target_parameters=None))
+
+
+def test_targeting_half_of_a_fused_projection_raises() -> None:
+    with pytest.raises(ConfigError, match="fused"):
+        get_peft_model(moe_model("qwen3_moe"), _config(target_modules=["q_proj", "gate_proj"], target_parameters=None))
+
+
+@pytest.mark.parametrize("name", [*CONVERTED, "qwen2_moe", "gpt_oss", "phimoe"])
+def test_default_targets_on_moe_models_adapt_attention(name: str, tmp_path) -> None:
+    """The reference raises here (its conversion empties the defaults, or it has no entry); peftkit adapts the
+    attention projections, and the file loads in the reference with the same outputs."""
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = get_peft_model(moe_model(name), LoraConfig(r=2, lora_alpha=4, init_lora_weights=False)).eval()
+    adapted = _adapted(set(get_peft_model_state_dict(ours)))
+    assert adapted and all("attn" in key for key in adapted)
+    ours.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(moe_model(name), str(tmp_path)).eval()
+    torch.testing.assert_close(_logits(theirs), _logits(ours), **TOL)
+
+
+# --------------------------------------------------------------------- adapters trained on transformers 4 MoE models
+_V4 = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")), "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+
+
+def _v4_adapter(name: str, directory) -> nn.Module:
+    """Write a transformers-4 style adapter (one LoRA per expert projection, ``r=2``, ``alpha=4``) for ``name`` and
+    return the base model with those updates merged by hand (the formula the fused layout must reproduce)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    container, (gate, up, down) = _V4[name]
+    reference = moe_model(name).eval()
+    generator = torch.Generator().manual_seed(5)
+    tensors: dict[str, torch.Tensor] = {}
+    for layer_index, layer in enumerate(reference.model.layers):
+        experts = layer.mlp.experts
+        hidden, ff = experts.down_proj.shape[1], experts.down_proj.shape[2]
+        for e in range(experts.num_experts):
+            deltas = {}
+            for proj, (fan_in, fan_out) in ((gate, (hidden, ff)), (up, (hidden, ff)), (down, (ff, hidden))):
+                A = torch.randn(2, fan_in, generator=generator) * 0.3
+                B = torch.randn(fan_out, 2, generator=generator) * 0.3
+                prefix = f"base_model.model.model.layers.{layer_index}.{container}.experts.{e}.{proj}"
+                tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = A, B
+                deltas[proj] = (B @ A) * 2.0  # scaling = alpha / r
+            with torch.no_grad():
+                experts.gate_up_proj[e] += torch.cat([deltas[gate], deltas[up]])
+                experts.down_proj[e] += deltas[down]
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4, "target_modules": [gate, up, down]}))
+    return reference
+
+
+@pytest.mark.parametrize("name", list(_V4))
+def test_transformers_4_expert_adapters_load_fused(name: str, tmp_path) -> None:
+    """Per-expert keys are fused at load (as the reference converts them): the output equals the hand-merged
+    experts and the reference's load of the same file."""
+    merged = _v4_adapter(name, tmp_path)
+    ours = PeftModel.from_pretrained(moe_model(name), tmp_path).eval()
+    torch.testing.assert_close(_logits(ours), _logits(merged), **TOL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(moe_model(name), str(tmp_path)).eval()
+    torch.testing.assert_close(_logits(ours), _logits(theirs), **TOL)
+    assert ours.peft_config["default"].target_parameters == ["down_proj", "gate_up_proj"]

@@ -88,6 +88,8 @@ class MethodSpec:
         parameter_options: ``(module name, module, parameter name, config) -> options`` for a parameter selected by
             ``target_parameters`` (passed to ``create_layer`` like ``layer_options``'); None: the method cannot
             adapt parameters.
+        convert_checkpoint: ``(model, checkpoint, adapter_name) -> checkpoint``: translate tensors written for
+            another layout before a load matches them (LoRA: transformers-4 per-expert keys of MoE models).
         init_allocates: ``(config) -> bool``: whether injecting an adapter of ``config`` for a load still allocates
             and fills its tensors although the checkpoint overwrites them (PiSSA / OLoRA change the base, DoRA
             computes its magnitude from the factors): loads then check the checkpoint on a meta probe first.
@@ -123,6 +125,7 @@ class MethodSpec:
     init_changes_base: Callable[[PeftConfig], bool] = lambda config: False
     init_allocates: Callable[[PeftConfig], bool] = lambda config: False
     parameter_options: Callable[[str, nn.Module, str, PeftConfig], dict[str, Any]] | None = None
+    convert_checkpoint: Callable[[nn.Module, dict[str, torch.Tensor], str], dict[str, torch.Tensor]] | None = None
     rank_field: str = "r"
     pattern_fields: tuple[str, ...] = ("rank_pattern", "alpha_pattern")
 

@@ -31,7 +31,32 @@ LORA_TARGETS: dict[str, tuple[str, ...] | str] = {
     "blip-2": ("q", "v", "q_proj", "v_proj"),
     "nemotron_h": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "rwkv": ("key", "value", "receptance", "output"),
+    "rwkv7": ("r_proj", "k_proj", "v_proj", "o_proj", "key", "value"),
     "gemma4": r".*language_model\..*\.(q_proj|v_proj)",
+    # mixture-of-experts types the reference has no entry for (its MoE conversion also empties the defaults of
+    # mixtral, qwen3_moe, olmoe, ...: it raises there); attention only, as for the dense models
+    **{m: _QV_PROJ for m in ("olmoe", "glm4_moe", "qwen3_next", "gpt_oss", "phimoe", "minimax", "flex_olmo")},
+    **{m: ("q_proj", "q_b_proj", "kv_b_proj") for m in ("deepseek_v2", "deepseek_v3")},
+}
+
+
+#: 🤗 PEFT's Mamba rule (``_check_lora_target_modules_mamba``): these model types' mixers hand the weights of
+#: ``out_proj`` and ``conv1d`` to fused CUDA kernels, which bypass any adapter wrapped around them
+MAMBA_MODEL_TYPES = frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"})
+MAMBA_FUSED_MODULES = frozenset({"out_proj", "conv1d"})
+
+#: ``model_type -> leaf module names`` whose weight the model reads directly on every device (transformers 5's
+#: Mamba mixers compute ``dt_proj.weight @ x``): an adapter there is never used, so ``all-linear`` leaves them out
+DIRECT_WEIGHT_MODULES: dict[str, frozenset[str]] = {
+    m: frozenset({"dt_proj"}) for m in ("mamba", "falcon_mamba", "jamba")
+}
+
+#: ``nn.Linear`` subclasses (by class name) whose forward is not ``x @ W.T + b`` of shape ``(..., out_features)``,
+#: with the reason: not linear layers for ``all-linear``, and an adapter layer cannot wrap them
+NOT_LINEAR_CLASSES: dict[str, str] = {
+    **dict.fromkeys(("Llama4Router", "PhimoeTopKRouter"),
+                    "its forward returns a tuple (router scores, router logits), not a tensor"),
+    "DeepseekV4GroupedLinear": "its forward is a block-diagonal grouped projection of shape (..., groups, out)",
 }
 
 

@@ -109,7 +109,10 @@ class TunerModel(BaseTuner):
         self._trainable[adapter_name] = not config.inference_mode
         self.prefix = method.prefix
         self._loss_term = method.loss_term
-        self.targeted_module_names = sorted({*self.targeted_module_names, *(lp.name for lp in plan.layers)})
+        modules = [lp.name for lp in plan.layers if "parameter_name" not in lp.options]
+        parameters = [f"{lp.name}.{lp.options['parameter_name']}" for lp in plan.layers if "parameter_name" in lp.options]
+        self.targeted_module_names = sorted({*self.targeted_module_names, *modules})
+        self.targeted_parameter_names = sorted({*self.targeted_parameter_names, *parameters})
         if first:
             freeze(self.model)  # model.requires_grad_(False) in one walk
             self._active = [adapter_name]
@@ -138,7 +141,11 @@ class TunerModel(BaseTuner):
         self.peft_config.pop(applied.adapter_name, None)
         self._trainable.pop(applied.adapter_name, None)
         self._active = [a for a in self._active if a != applied.adapter_name]
-        self.targeted_module_names = [n for n, _ in self.adapter_modules() if not n.endswith("original_module")]
+        held = [(n, m) for n, m in self.adapter_modules() if not n.endswith("original_module")]
+        self.targeted_module_names = [n for n, m in held if getattr(m, "parameter_name", None) is None]
+        self.targeted_parameter_names = sorted(  # the wrappers of a module's parameters nest at ``.base_layer``
+            f"{n.split('.base_layer')[0]}.{m.parameter_name}" for n, m in held
+            if getattr(m, "parameter_name", None) is not None)
         self._refresh_trainability()
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool | None = None) -> None:

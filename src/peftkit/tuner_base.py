@@ -54,6 +54,7 @@ class BaseTuner(nn.Module):
         model: the wrapped model.
         peft_config: ``{adapter_name: config}``; each config is peftkit's own copy with resolved fields.
         targeted_module_names: names of the modules holding adapter layers.
+        targeted_parameter_names: ``"<module>.<parameter>"`` of the parameters adapted (``target_parameters``).
     """
 
     prefix: str = ""
@@ -66,6 +67,7 @@ class BaseTuner(nn.Module):
         self._trainable: dict[str, bool] = {}
         self._task_heads = tuple(task_heads)
         self.targeted_module_names: list[str] = []
+        self.targeted_parameter_names: list[str] = []
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -394,3 +394,8 @@ def _show(value: object) -> str:
 def _examples(modules: list[tuple[str, nn.Module]]) -> list[str]:
     leaves = dict.fromkeys(name.rsplit(".", 1)[-1] for name, m in modules if is_linear_like(m))
     return list(leaves)[:4]
+
+
+def all_linear_names(model: nn.Module, config: PeftConfig) -> set[str]:
+    """Full names of the modules ``target_modules="all-linear"`` selects in ``model`` (see :func:`_all_linear`)."""
+    return _all_linear(model, config, list(candidate_modules(model)))

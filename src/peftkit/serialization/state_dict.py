@@ -375,7 +375,8 @@ def _suffix_only_targets(model: nn.Module, adapter_name: str) -> list[tuple[str,
     """``(in-memory path, checkpoint path, checkpoint key prefix, module)`` of the modules that the reference's
     plain-suffix rule wraps for the ``modules_to_save`` of ``adapter_name`` and peftkit does not
     (:func:`~peftkit.injection.plan.suffix_only_modules_to_save`; DistilBERT's ``pre_classifier`` for
-    ``"classifier"``), leaving out those wrapped for ``adapter_name`` since. ``module`` is the base module (a
+    ``"classifier"``), leaving out those wrapped for ``adapter_name`` since and adapter layers (the reference
+    cannot wrap those: its ``modules_to_save`` raises ``TypeError``). ``module`` is the base module (a
     wrapper's ``original_module``). Empty, after no walk, for adapters without ``modules_to_save``."""
     from ..injection.match import matches
     from ..injection.plan import candidate_modules, suffix_only_modules_to_save
@@ -392,6 +393,8 @@ def _suffix_only_targets(model: nn.Module, adapter_name: str) -> list[tuple[str,
     out = []
     for path, clean, saved, module in _prefixed_modules(model, []):
         if path not in extra or (isinstance(module, ModulesToSaveWrapper) and module.has_adapter(adapter_name)):
+            continue
+        if isinstance(module, AdapterLayer):  # adapted (e.g. all-linear's pre_classifier): the reference refuses it
             continue
         out.append((path, clean, saved, module.original_module if isinstance(module, ModulesToSaveWrapper) else module))
     return out
@@ -507,9 +510,11 @@ def _load_state_dict(
     """
     model = _unwrap_compiled(model)
     config = _configs(model).get(adapter_name)
-    prepare = get_method(config.peft_type).prepare_load if config is not None else None
-    if prepare is not None:
-        prepare(model, config, adapter_name)
+    method = get_method(config.peft_type) if config is not None else None
+    if method is not None and method.prepare_load is not None:
+        method.prepare_load(model, config, adapter_name)
+    if method is not None and method.convert_checkpoint is not None:
+        peft_model_state_dict = method.convert_checkpoint(model, peft_model_state_dict, adapter_name)
     expected = {_strip(k): v for k, v in adapter_tensor_map(model, adapter_name).items()}
     incoming = _apply_key_mapping(list(peft_model_state_dict), key_mapping)
     # embedding matrices and base biases are looked for only when the checkpoint holds keys that are not adapter

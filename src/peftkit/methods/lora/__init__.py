@@ -21,6 +21,7 @@ from .config import LoraConfig
 from .convert import convert_to_lora
 from .init import SUPPORTED_INITS, is_supported_init, uses_base_weight
 from .layers import Conv, Embedding, Linear, LoraLayer
+from .moe import convert_moe_targets, convert_v4_checkpoint
 from .param import ParamLayer
 from .quantized import QuantLinear
 
@@ -183,6 +184,8 @@ LORA = register_method(
         convert_for_save=convert_to_lora,
         init_changes_base=lambda config: uses_base_weight(getattr(config, "init_lora_weights", True)),
         parameter_options=_parameter_options,
+        resolve_config=convert_moe_targets,
+        convert_checkpoint=convert_v4_checkpoint,
         init_allocates=lambda config: (uses_base_weight(getattr(config, "init_lora_weights", True))
                                        or bool(getattr(config, "use_dora", False))),
     )
