@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numerics import fp_tol
 
 from peftkit.ops.lowrank import (
     add_lowrank_,
@@ -149,3 +150,37 @@ def test_pretransposed_update_equals_reference(rows, dtype):
     assert out is result  # in place
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+
+
+# ----------------------------------------------------------------------------------------- grouped matmul (MoE)
+@pytest.mark.parametrize("counts", [(3, 0, 5, 1), (0, 0, 4, 0), (2, 2, 2, 2)])
+def test_grouped_matmul_matches_the_plain_loop(counts: tuple[int, ...]) -> None:
+    """torch's grouped_mm path equals one matmul per group, in value and in the gradients of both inputs (also
+    for a strided weight view and empty groups); the reduction is ``in`` long."""
+    from peftkit.ops import grouped
+
+    assert grouped._GROUPED_MM is not None, "this torch has no grouped_mm: the fast path is never taken"
+    generator = torch.Generator().manual_seed(0)
+    offsets = torch.cumsum(torch.tensor(counts), 0, dtype=torch.int32)
+    results = []
+    for fn in (grouped.grouped_matmul, grouped.grouped_matmul_reference):
+        x = torch.randn(sum(counts), 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        stored = torch.randn(len(counts), 12, 8, generator=generator.manual_seed(2), requires_grad=True)
+        weight = stored.transpose(1, 2)  # (E, in, out) as a strided view, as the experts pass it
+        assert grouped._fits_grouped_mm(x, weight)  # in = 8, out = 12 floats: multiples of 16 bytes
+        out = fn(x, weight, offsets)
+        (out * torch.arange(out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        results.append((out.detach(), x.grad, stored.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **fp_tol(torch.float32, 8))
+
+
+def test_grouped_matmul_takes_the_loop_where_grouped_mm_refuses() -> None:
+    """A rank-2 factor (8-byte rows) or float64 goes through the plain loop, with the same results."""
+    from peftkit.ops import grouped
+
+    offsets = torch.tensor([2, 5], dtype=torch.int32)
+    for x, weight in ((torch.randn(5, 8), torch.randn(2, 8, 2)), (torch.randn(5, 8).double(), torch.randn(2, 8, 4).double())):
+        assert not grouped._fits_grouped_mm(x, weight)
+        expected = torch.cat([x[:2] @ weight[0], x[2:] @ weight[1]])
+        torch.testing.assert_close(grouped.grouped_matmul(x, weight, offsets), expected, **fp_tol(x.dtype, 8))

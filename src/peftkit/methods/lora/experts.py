@@ -17,8 +17,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from ...ops.grouped import grouped_matmul
 
 if TYPE_CHECKING:
     from .param import ParamLayer
@@ -71,53 +72,43 @@ def experts_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.
                     top_k_weights: torch.Tensor, layers: dict[str, ParamLayer]) -> torch.Tensor:
     """``hidden: (T, h)``, ``top_k_index: (T, k)`` int, ``top_k_weights: (T, k)`` -> ``(T, h)``.
 
-    The ``S = T·k`` (token, expert) pairs are sorted by expert once (one gather of the tokens); each expert ``e``
-    then runs on its contiguous slice ``x``: ``up = x·W_up[e] (+ b) + LoRA``, the gate (``module._apply_gate``) or
-    activation, ``down = up·W_down[e] (+ b) + LoRA``, the optional post-expert norm. The rows are scaled by their
-    routing weights, put back in pair order and summed per token (as transformers' grouped implementation)."""
+    The ``S = T·k`` (token, expert) pairs are sorted by expert once (one gather of the tokens), so each expert's
+    rows are a contiguous group: ``up = x·W_up[e] (+ b) + LoRA``, the gate (``module._apply_gate``, row-wise) or
+    activation, ``down = up·W_down[e] (+ b) + LoRA``, the optional post-expert norm; then the routing weights, the
+    original pair order and a sum per token (as transformers' grouped implementation). Each projection and each
+    low-rank factor is one grouped matmul over all experts (``torch.nn.functional.grouped_mm``; a loop over the
+    groups where torch has none)."""
     tokens, top_k = top_k_index.shape
     with torch.no_grad():
         pairs = top_k_index.reshape(-1)
         order = torch.argsort(pairs, stable=True)  # (S,)
-        counts = torch.bincount(pairs, minlength=module.num_experts).tolist()
+        counts = torch.bincount(pairs, minlength=module.num_experts)
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
-    x = hidden[order // top_k]  # (S, h), grouped by expert
+        experts = pairs[order]  # (S,) expert of each grouped row
+    x = hidden[order // top_k]  # (S, h)
     first = "gate_up_proj" if module.has_gate else "up_proj"
-    up_factors = _factors(layers.get(first))
-    down_factors = _factors(layers.get("down_proj"))
-    outputs, start = [], 0
-    for expert, count in enumerate(counts):
-        if not count:
-            continue
-        rows = x[start:start + count]
-        start += count
-        up = _project(module, first, expert, rows, up_factors)
-        up = module._apply_gate(up) if module.has_gate else module.act_fn(up)
-        out = _project(module, "down_proj", expert, up, down_factors)
-        if getattr(module, "has_post_expert_norm", False):
-            out = module.post_expert_norm(out)
-        outputs.append(out)
-    weighted = torch.cat(outputs) * top_k_weights.reshape(-1)[order].unsqueeze(-1)  # (S, h)
+    up = _projection(module, first, x, offsets, experts, layers.get(first))
+    up = module._apply_gate(up) if module.has_gate else module.act_fn(up)
+    down = _projection(module, "down_proj", up, offsets, experts, layers.get("down_proj"))
+    if getattr(module, "has_post_expert_norm", False):
+        down = module.post_expert_norm(down)
+    weighted = down * top_k_weights.reshape(-1)[order].unsqueeze(-1)  # (S, h)
     return weighted[inverse].view(tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
 
 
-def _factors(layer: ParamLayer | None) -> list[tuple[torch.Tensor, torch.Tensor, float]]:
-    """``[(A: (E, r, in), B: (E, out, r), scaling)]`` of the layer's adapters in forward."""
-    if layer is None:
-        return []
-    return [(*layer.expert_factors(name), layer.scaling[name]) for name in layer._forward_adapters]
-
-
-def _project(module: nn.Module, name: str, expert: int, x: torch.Tensor,
-             factors: list[tuple[torch.Tensor, torch.Tensor, float]]) -> torch.Tensor:
-    """``x: (n, in) -> (n, out)``: expert ``expert``'s projection ``name`` (stored ``(E, out, in)``, or
-    ``(E, in, out)`` when ``module.is_transposed``), its bias, and ``scaling · (x A_eᵀ) B_eᵀ`` per adapter."""
-    weight = getattr(module, name)[expert]
-    y = x @ weight if module.is_transposed else F.linear(x, weight)
+def _projection(module: nn.Module, name: str, x: torch.Tensor, offsets: torch.Tensor, experts: torch.Tensor,
+                layer: ParamLayer | None) -> torch.Tensor:
+    """``x: (S, in)`` grouped by expert -> ``(S, out)``: the experts' projection ``name`` (stored ``(E, out, in)``,
+    or ``(E, in, out)`` when ``module.is_transposed``), its bias, and ``scaling · (x A_eᵀ) B_eᵀ`` per adapter."""
+    weight = getattr(module, name)
+    y = grouped_matmul(x, weight if module.is_transposed else weight.transpose(1, 2), offsets)
     if module.has_bias:
-        y = y + getattr(module, name + "_bias")[expert]
-    for A, B, scaling in factors:
-        hidden = F.linear(x.to(A.dtype), A[expert])  # (n, r)
-        y = y + F.linear(hidden * scaling, B[expert]).to(y.dtype)
+        y = y + getattr(module, name + "_bias")[experts]
+    for adapter in (layer._forward_adapters if layer is not None else ()):
+        A, B = layer.expert_factors(adapter)  # (E, r, in), (E, out, r)
+        hidden = grouped_matmul(x.to(A.dtype), A.transpose(1, 2), offsets) * layer.scaling[adapter]  # (S, r)
+        update = grouped_matmul(hidden, B.transpose(1, 2).contiguous(), offsets).to(y.dtype)
+        y = y.add_(update)  # y: a fresh product (or sum) that no backward needs: added in place
     return y
