@@ -15,7 +15,7 @@ import peft
 import pytest
 import torch
 from moe_models import moe_model
-from numerics import TINY_MODEL_REDUCTION, fp_tol
+from numerics import fp_tol
 from torch import nn
 
 from peftkit import (
@@ -30,7 +30,8 @@ from peftkit.errors import UnsupportedOperationError
 from peftkit.methods.lora import param as param_module
 from peftkit.methods.lora.param import ParamLayer
 
-TOL = fp_tol(torch.float32, TINY_MODEL_REDUCTION)
+#: float32 over the tiny MoE models' hidden size (32): ~1.5e-5, the issue's 1e-5 bound in ulps (seen: <= 5e-7)
+TOL = fp_tol(torch.float32, 32)
 EXPERTS = ["experts.gate_up_proj", "experts.down_proj"]
 #: decorated experts (routed path) and Llama 4 (own forward: W + ΔW for the call)
 MODELS = ["mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek_v2", "glm4_moe", "qwen3_next",
@@ -361,3 +362,25 @@ def test_transformers_4_expert_adapters_load_fused(name: str, tmp_path) -> None:
         theirs = peft.PeftModel.from_pretrained(moe_model(name), str(tmp_path)).eval()
     torch.testing.assert_close(_logits(ours), _logits(theirs), **TOL)
     assert ours.peft_config["default"].target_parameters == ["down_proj", "gate_up_proj"]
+
+
+@pytest.mark.parametrize("name", ["deepseek_v3", "glm4_moe", "qwen3_next"])
+def test_dense_and_shared_linears_as_2d_parameters_load_in_the_reference(name: str, tmp_path) -> None:
+    """The way out the warning names: all-linear plus the left-out linears' weights as 2-D ``target_parameters``
+    adapts them too, and the reference loads the file with the same outputs (its conversion rewrites only
+    ``target_modules``)."""
+    torch.manual_seed(1)
+    dense = ["mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"]
+    shared = "shared_expert" if name == "qwen3_next" else "shared_experts"
+    extra = [*dense, *(f"{shared}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj"))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = get_peft_model(moe_model(name), _config(target_modules="all-linear", target_parameters=None))
+        ours = get_peft_model(moe_model(name), _config(target_modules="all-linear", target_parameters=extra)).eval()
+    assert set(plain.base_model.targeted_parameter_names) < set(ours.base_model.targeted_parameter_names)
+    ours.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(moe_model(name), str(tmp_path)).eval()
+    torch.testing.assert_close(_logits(theirs), _logits(ours), **TOL)
+    assert set(peft.get_peft_model_state_dict(theirs)) == set(get_peft_model_state_dict(ours))
