@@ -384,3 +384,13 @@ def test_dense_and_shared_linears_as_2d_parameters_load_in_the_reference(name: s
         theirs = peft.PeftModel.from_pretrained(moe_model(name), str(tmp_path)).eval()
     torch.testing.assert_close(_logits(theirs), _logits(ours), **TOL)
     assert set(peft.get_peft_model_state_dict(theirs)) == set(get_peft_model_state_dict(ours))
+
+
+def test_compiled_model_has_no_graph_break_from_parameter_adapters() -> None:
+    """Under torch.compile the routed loop (data-dependent group sizes) steps aside for ``W + ΔW``, which dynamo
+    traces: no graph break comes from peftkit (the routed loop would break at its ``tolist``)."""
+    torch._dynamo.reset()
+    model = get_peft_model(moe_model("mixtral"), _config(target_modules=["q_proj"])).eval()
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(model)(_ids())
+    assert explanation.graph_break_count == 0, explanation.break_reasons
