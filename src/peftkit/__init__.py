@@ -28,9 +28,22 @@ from .errors import (
     ShapeMismatchError,
     UnsupportedModuleError,
 )
+from .helpers import (
+    cast_mixed_precision_params,
+    get_base_model_state_dict,
+    set_base_model_state_dict,
+    shift_tokens_right,
+)
 from .hotswap import hotswap_adapter, hotswap_adapter_from_state_dict, prepare_model_for_compiled_hotswap
 from .layers import AdapterLayer, ModulesToSaveWrapper
-from .mapping import get_peft_config, get_peft_model, inject_adapter_in_model
+from .mapping import (
+    PEFT_TYPE_TO_CONFIG_MAPPING,
+    PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
+    PEFT_TYPE_TO_TUNER_MAPPING,
+    get_peft_config,
+    get_peft_model,
+    inject_adapter_in_model,
+)
 from .methods.adalora import AdaLoraConfig, AdaLoraStepHook, attach_adalora
 from .methods.ia3 import IA3Config
 from .methods.loha import LoHaConfig
@@ -80,6 +93,9 @@ def __getattr__(name: str) -> object:
 
 __all__ = [
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING",
+    "PEFT_TYPE_TO_CONFIG_MAPPING",
+    "PEFT_TYPE_TO_MIXED_MODEL_MAPPING",
+    "PEFT_TYPE_TO_TUNER_MAPPING",
     "AdaLoraCallback",
     "AdaLoraConfig",
     "AdaLoraModel",
@@ -141,6 +157,8 @@ __all__ = [
     "__version__",
     "all_methods",
     "attach_adalora",
+    "cast_mixed_precision_params",
+    "get_base_model_state_dict",
     "get_layer_status",
     "get_method",
     "get_model_status",
@@ -154,5 +172,7 @@ __all__ = [
     "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
     "register_method",
+    "set_base_model_state_dict",
     "set_peft_model_state_dict",
+    "shift_tokens_right",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from torch import nn
@@ -11,9 +12,10 @@ from .config import PeftConfig
 from .errors import ConfigError, ConfigTypeError, PeftWarning
 from .layers.base import AdapterLayer
 from .peft_model import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel
-from .registry import get_method
+from .registry import MethodSpec, all_methods, get_method
 from .tuner import tuner_class
 from .tuner_base import check_adapter_name
+from .types import PeftType
 
 
 def get_peft_model(
@@ -87,6 +89,48 @@ def inject_adapter_in_model(
 
 def _strip(key: str) -> str:
     return key.removeprefix("base_model.model.")
+
+
+class _RegistryView(Mapping[PeftType, Any]):
+    """A read-only ``{PeftType: value}`` view of the method registry (the reference's ``PEFT_TYPE_TO_*_MAPPING``).
+
+    Built on each access from ``peftkit.registry``, so methods registered later appear; keys are ``PeftType``
+    members (str enums: ``view["LORA"]`` works too). Register a method with ``register_method``, not by assignment.
+    """
+
+    def __init__(self, value: Callable[[MethodSpec], Any], include: Callable[[MethodSpec], bool]) -> None:
+        self._value, self._include = value, include
+
+    def _specs(self) -> dict[PeftType, MethodSpec]:
+        return {spec.peft_type: spec for spec in all_methods() if self._include(spec)}
+
+    def __getitem__(self, key: object) -> Any:
+        specs = self._specs()
+        try:
+            return self._value(specs[PeftType(key)])
+        except (ValueError, KeyError):
+            raise KeyError(key) from None
+
+    def __iter__(self) -> Iterator[PeftType]:
+        return iter(self._specs())
+
+    def __len__(self) -> int:
+        return len(self._specs())
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+#: ``{PeftType: config class}`` of every registered method
+PEFT_TYPE_TO_CONFIG_MAPPING: Mapping[PeftType, type[PeftConfig]] = _RegistryView(
+    lambda spec: spec.config_cls, lambda spec: True)
+#: ``{PeftType: tuner class}`` (``LoraModel``, ...; prompt-learning methods: their prompt tuner class)
+PEFT_TYPE_TO_TUNER_MAPPING: Mapping[PeftType, type[nn.Module]] = _RegistryView(
+    lambda spec: tuner_class(spec.peft_type), lambda spec: True)
+#: ``{PeftType: tuner class}`` of the methods that can share a model with adapters of other types (a method's
+#: ``MethodSpec.mixed_compatible``)
+PEFT_TYPE_TO_MIXED_MODEL_MAPPING: Mapping[PeftType, type[nn.Module]] = _RegistryView(
+    lambda spec: tuner_class(spec.peft_type), lambda spec: bool(getattr(spec, "mixed_compatible", False)))
 
 
 def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:

@@ -398,7 +398,8 @@ class TunerModel(BaseTuner):
             if any(name.startswith(outer + ".") for outer in unwrapped):
                 continue  # nested in a layer already replaced by its innermost base (adapters on parameters)
             if isinstance(module, AdapterLayer):
-                set_submodule(self.model, name, module.get_base_layer())
+                unwrap = getattr(type(module), "unwrap_base", None)  # a layer that also wraps inner modules (MHA)
+                set_submodule(self.model, name, unwrap(module) if unwrap else module.get_base_layer())
                 unwrapped.append(name)
             else:
                 current = module._current() if keep_trained_copies else module.original_module

@@ -13,6 +13,8 @@ LINEAR, HF_CONV1D, EMBEDDING, CONV = "linear", "hf_conv1d", "embedding", "conv"
 #: a linear layer whose weight is stored quantized (bitsandbytes 8-bit / 4-bit, torchao): methods that list this kind
 #: read and write its weight through ``peftkit.quantization`` (``dense_weight`` / ``write_dense_weight``)
 QUANT_LINEAR = "quant_linear"
+#: ``nn.MultiheadAttention`` (LoRA adapts its ``in_proj_weight`` and ``out_proj``; methods that do not list it refuse it)
+MHA = "multihead_attention"
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
@@ -26,7 +28,7 @@ def is_hf_conv1d(module: nn.Module) -> bool:
 
 
 def module_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"quant_linear"``, ``"hf_conv1d"``, ``"embedding"``, ``"conv"`` or None, looking through
+    """``"linear"``, ``"quant_linear"``, ``"hf_conv1d"``, ``"embedding"``, ``"conv"``, ``"multihead_attention"`` or None, looking through
     adapter wrappers."""
     while isinstance(module, AdapterLayer):
         module = module.base_layer
@@ -38,6 +40,8 @@ def module_kind(module: nn.Module) -> str | None:
         return EMBEDDING
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return CONV
+    if isinstance(module, nn.MultiheadAttention):
+        return MHA
     return None
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from ...config import PeftConfig
 from ...errors import ConfigError, PeftWarning, UnsupportedModuleError
 from ...injection.match import pattern_value
-from ...layers.dispatch import CONV, EMBEDDING, HF_CONV1D, LINEAR, QUANT_LINEAR, module_kind
+from ...layers.dispatch import CONV, EMBEDDING, HF_CONV1D, LINEAR, MHA, QUANT_LINEAR, module_kind
 from ...registry import MethodSpec, register_method
 from ...target_tables import default_lora_targets
 from ...types import PeftType
@@ -21,12 +21,13 @@ from .config import LoraConfig
 from .convert import convert_to_lora
 from .init import SUPPORTED_INITS, is_supported_init, uses_base_weight
 from .layers import Conv, Embedding, Linear, LoraLayer
+from .mha import MultiheadAttention, check_mha
 from .moe import convert_moe_targets, convert_v4_checkpoint
 from .param import ParamLayer
 from .quantized import QuantLinear
 
 _LAYER_CLASSES: dict[str, type[LoraLayer]] = {LINEAR: Linear, HF_CONV1D: Linear, EMBEDDING: Embedding, CONV: Conv,
-                                              QUANT_LINEAR: QuantLinear}
+                                              QUANT_LINEAR: QuantLinear, MHA: MultiheadAttention}
 
 #: config fields peftkit accepts (for file compatibility) but does not implement yet, with their inert values
 _NOT_YET: dict[str, tuple[object, ...]] = {
@@ -54,12 +55,14 @@ def _layer_options(name: str, module: nn.Module, config: PeftConfig) -> dict[str
     if kind is None:
         raise UnsupportedModuleError(
             f"target module {name!r} is a {type(module).__name__}; LoRA supports nn.Linear, nn.Embedding, "
-            f"nn.Conv1d/2d/3d and transformers' Conv1D. Adjust target_modules."
+            f"nn.Conv1d/2d/3d, nn.MultiheadAttention and transformers' Conv1D. Adjust target_modules."
         )
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+    r = pattern_value(config.rank_pattern, name, config.r)
     if kind == CONV and base.groups != 1:
-        raise UnsupportedModuleError(f"target module {name!r} is a grouped convolution (groups={base.groups}); "
-                                     "LoRA supports groups=1 only")
+        _check_grouped_conv(name, base.groups, r, config)
+    if kind == MHA:
+        check_mha(name, base, config)
     if isinstance(module, nn.Module) and hasattr(module, "adapter_layer_names") and not isinstance(module, LoraLayer):
         raise UnsupportedModuleError(f"module {name!r} already holds adapters of another method")
     if uses_base_weight(config.init_lora_weights) and kind not in (LINEAR, HF_CONV1D):
@@ -68,10 +71,24 @@ def _layer_options(name: str, module: nn.Module, config: PeftConfig) -> dict[str
                           f"{type(base).__name__}. Exclude it from target_modules or use another init")
     return {
         "kind": kind,
-        "r": pattern_value(config.rank_pattern, name, config.r),
+        "r": r,
         "lora_alpha": pattern_value(config.alpha_pattern, name, config.lora_alpha),
         "fan_in_fan_out": kind == HF_CONV1D,
     }
+
+
+def _check_grouped_conv(name: str, groups: int, r: int, config: LoraConfig) -> None:
+    """As the reference's ``_ConvNd``: the rank must be divisible by ``groups`` (B is a grouped 1x1 conv); merging
+    will be impossible (warned). DoRA is not implemented on grouped convolutions."""
+    if r % groups:
+        raise ConfigError("r", r, f"target {name!r} is a convolution with groups={groups}; LoRA on grouped "
+                          f"convolutions needs a rank divisible by groups. Choose another rank (rank_pattern) or "
+                          "do not target this layer")
+    if config.use_dora:
+        raise ConfigError("use_dora", True, f"target {name!r} is a convolution with groups={groups}; DoRA supports "
+                          "groups=1 only. Exclude it from target_modules or set use_dora=False")
+    warnings.warn(f"LoRA adapter added to {name!r}, a convolution with groups={groups}: merging is not supported.",
+                  PeftWarning, stacklevel=6)
 
 
 #: the layer kind of a parameter selected by ``target_parameters``

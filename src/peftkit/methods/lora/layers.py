@@ -541,8 +541,17 @@ class Embedding(LoraLayer):
         return work.to(result.dtype)
 
 
+class GroupedConvMergeError(MergeError, NotImplementedError):
+    """Merging LoRA into a grouped convolution (``groups > 1``): the update ``B ∘ A`` mixes all input channels into
+    every output, which a grouped kernel ``(out, in / groups, *k)`` cannot hold (the reference raises
+    ``NotImplementedError``)."""
+
+
 class Conv(LoraLayer):
-    """LoRA on ``nn.Conv1d/2d/3d``: A is a conv with the base kernel, stride, padding and dilation; B is 1x1."""
+    """LoRA on ``nn.Conv1d/2d/3d``: A is a conv with the base kernel, stride, padding and dilation; B is 1x1.
+
+    With a grouped base (``groups > 1``), as the reference: A is a full conv ``in -> r`` (``(r, in, *k)``) and B a
+    1x1 conv ``r -> out`` with the base's groups (``(out, r / groups, 1, ...)``); such adapters cannot be merged."""
 
     def _create(self, adapter_name: str, r: int, lora_bias: bool, factory: dict[str, Any]) -> None:
         base = self.get_base_layer()
@@ -550,14 +559,30 @@ class Conv(LoraLayer):
         ones = (1,) * (base.weight.dim() - 2)
         self.lora_A[adapter_name] = _empty(conv_cls, self.in_features, r, base.kernel_size, base.stride,
                                            base.padding, base.dilation, bias=False, **factory)
-        self.lora_B[adapter_name] = _empty(conv_cls, r, self.out_features, ones, ones, bias=lora_bias, **factory)
+        self.lora_B[adapter_name] = _empty(conv_cls, r, self.out_features, ones, ones, groups=base.groups,
+                                           bias=lora_bias, **factory)
+
+    def _adapters_to_merge(self, adapter_names: list[str] | None, warn: bool = True) -> list[str]:
+        """As :meth:`AdapterLayer._adapters_to_merge`; a grouped base refuses here, which the tuner calls for every
+        layer before merging any, so a refused merge leaves the whole model unchanged."""
+        names = super()._adapters_to_merge(adapter_names, warn)
+        if names:
+            self._refuse_grouped_merge()
+        return names
+
+    def _refuse_grouped_merge(self) -> None:
+        groups = self.get_base_layer().groups
+        if groups > 1:
+            raise GroupedConvMergeError(f"Merging is not supported for LoRA on convolutions with groups > 1 (this "
+                                        f"layer has groups={groups}); use unload() or keep the adapter unmerged")
 
     def _dora_magnitude_shape(self) -> tuple[int, ...]:
         """``(1, out, 1, ...)``: broadcasts against ``(N, out, *spatial)`` outputs, as the reference saves it."""
         return (1, -1) + (1,) * (self.get_base_layer().weight.dim() - 2)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``scaling * B ∘ A`` as one conv kernel ``(out, in, *kernel)``."""
+        """``scaling * B ∘ A`` as one conv kernel ``(out, in, *kernel)`` (groups=1 only)."""
+        self._refuse_grouped_merge()
         A = self.lora_A[adapter_name].weight  # (r, in, *k)
         B = self.lora_B[adapter_name].weight  # (out, r, 1, ...)
         if A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16):
