@@ -290,8 +290,10 @@ def test_train_every_task(task: str, work: Path, bert_dir: Path) -> None:
                                    "feature-extraction": "FEATURE_EXTRACTION", "seq2seq-lm": "SEQ_2_SEQ_LM"}[task]
 
 
+# trainable-tokens: left out until the CLI supports it (it needs --option token_indices=[...], and inspect cannot
+# measure its update from the file alone: the file holds the new rows, not a difference from the base rows)
 @pytest.mark.parametrize("method", sorted({str(s.peft_type).lower().replace("_", "-") for s in all_methods()}
-                                          | {"dora"}))
+                                          - {"trainable-tokens"} | {"dora"}))
 def test_train_every_registered_method(method: str, work: Path, llama_dir: Path, lm_data: Path) -> None:
     out = work / f"method-{method}"
     prompt = ["--num-virtual-tokens", "4"] if "tuning" in method else []

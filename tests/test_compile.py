@@ -44,8 +44,8 @@ def _examples() -> list[Any]:
 
 def _build(spec: MethodSpec, kwargs: dict[str, Any]) -> PeftModel:
     config = {"task_type": CASE.task_type, **spec.non_identity_kwargs, **kwargs}
-    if spec.kind != "prompt":
-        config["target_modules"] = list(CASE.target_modules)
+    if spec.kind != "prompt" and (spec.supported_kinds is None or "linear" in spec.supported_kinds):
+        config["target_modules"] = list(CASE.target_modules)  # else the method's default (TrainableTokens: embedding)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return get_peft_model(CASE.build(), spec.config_cls(**config))

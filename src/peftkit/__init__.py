@@ -21,6 +21,7 @@ from .errors import (
     AdapterMismatchError,
     AdapterNotFoundError,
     ConfigError,
+    GroupedConvMergeError,
     MergeError,
     NoMatchingPeftModuleError,
     PeftError,
@@ -53,6 +54,7 @@ from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderR
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .methods.prompt import PromptLearningConfig
 from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from .methods.trainable_tokens import TrainableTokensConfig
 from .peft_model import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
     PeftModel,
@@ -80,6 +82,7 @@ IA3Model = tuner_class("IA3")
 LoHaModel = tuner_class("LOHA")
 LoKrModel = tuner_class("LOKR")
 AdaLoraModel = tuner_class("ADALORA")
+TrainableTokensModel = tuner_class("TRAINABLE_TOKENS")
 
 
 def __getattr__(name: str) -> object:
@@ -114,6 +117,7 @@ __all__ = [
     "AutoPeftModelForTokenClassification",
     "BaseTunerLayer",
     "ConfigError",
+    "GroupedConvMergeError",
     "IA3Config",
     "IA3Model",
     "LoHaConfig",
@@ -150,6 +154,8 @@ __all__ = [
     "QuantizedMergeWarning",
     "ShapeMismatchError",
     "TaskType",
+    "TrainableTokensConfig",
+    "TrainableTokensModel",
     "TunerLayerStatus",
     "TunerModel",
     "TunerModelStatus",

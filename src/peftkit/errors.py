@@ -102,6 +102,12 @@ class MergeError(PeftError, ValueError):
     """A merge that cannot be done (NaN/inf in the merged weights, a merged adapter deleted, ...)."""
 
 
+class GroupedConvMergeError(MergeError, NotImplementedError):
+    """Merging LoRA into a grouped convolution (``groups > 1``): the update ``B ∘ A`` mixes all input channels into
+    every output, which a grouped kernel ``(out, in / groups, *k)`` cannot hold (the reference raises
+    ``NotImplementedError``)."""
+
+
 def closest_names(query: str, names: Iterable[str], n: int = 5) -> list[str]:
     """The up to ``n`` names most similar to ``query``, compared on whole names and on their last components."""
     names = list(dict.fromkeys(names))

@@ -30,6 +30,7 @@ _BUILTIN_METHOD_MODULES: tuple[str, ...] = (
     "peftkit.methods.loha",
     "peftkit.methods.lokr",
     "peftkit.methods.adalora",
+    "peftkit.methods.trainable_tokens",
 )
 
 
@@ -75,6 +76,8 @@ class MethodSpec:
             returns a loss (AdaLoRA's orthogonality regulariser); None: nothing added.
         export_state: ``(model, config, adapter_name, tensors) -> tensors``: applied by ``get_peft_model_state_dict``
             to the checkpoint tensors (keys relative to ``model``), e.g. AdaLoRA's slicing by ``rank_pattern``.
+        handles_tied_embeddings: the method adapts both modules of tied input/output embeddings itself (TrainableTokens'
+            tied layers), so targeting one of them does not warn.
         rank_field: the config field that sets the rank of new layers (AdaLoRA: ``init_r``; its ``r`` is unused).
         pattern_fields: config fields holding ``{module-name regex: value}`` per-layer overrides; a key matching no
             targeted module warns (AdaLoRA's ``rank_pattern`` is a record of surviving ranks, not such a field).
@@ -128,6 +131,7 @@ class MethodSpec:
     convert_checkpoint: Callable[[nn.Module, dict[str, torch.Tensor], str], dict[str, torch.Tensor]] | None = None
     rank_field: str = "r"
     pattern_fields: tuple[str, ...] = ("rank_pattern", "alpha_pattern")
+    handles_tied_embeddings: bool = False
 
 
 _REGISTRY: dict[PeftType, MethodSpec] = {}

@@ -441,6 +441,8 @@ def _resolved_fields(config: PeftConfig, plan: InjectionPlan) -> dict[str, Any]:
         "modules_to_save": list(plan.modules_to_save_names) if plan.modules_to_save_names else None,
         **plan.config_fields,
     }
+    if not hasattr(config, "modules_to_save"):  # TrainableTokensConfig has no such field (as the reference's)
+        del fields["modules_to_save"]
     if hasattr(config, "fan_in_fan_out") and all(lp.options.get("fan_in_fan_out") for lp in plan.layers):
         fields["fan_in_fan_out"] = True
     return fields

@@ -127,7 +127,8 @@ def plan_injection(
     if method.check_plan is not None:
         method.check_plan(config, planned)
     saved = _resolve_modules_to_save(modules, save_entries, task_heads)
-    _warn_tied_embeddings(model, planned, [(n, m) for n, m in modules if n in saved])
+    if not method.handles_tied_embeddings:
+        _warn_tied_embeddings(model, planned, [(n, m) for n, m in modules if n in saved])
     return InjectionPlan(
         adapter_name=adapter_name,
         layers=tuple(layers),

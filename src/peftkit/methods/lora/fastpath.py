@@ -66,13 +66,15 @@ def try_forward(layer: Linear, x: torch.Tensor) -> torch.Tensor | None:
     plan = layer._lean_plan
     if plan is not None:
         (adapters, modules, base, base_params, base_attrs, hooks, pre_hooks, a_owner, a_mods, a_mod, a_params,
-         b_owner, b_mods, b_mod, b_params, B, ptr, version, name, scaling, drop, dtype, bts, native) = plan
+         b_owner, b_mods, b_mod, b_params, B, ptr, version, name, scaling, drop, dtype, bts, a_pre, a_post, b_pre,
+         b_post, native) = plan
         if (layer._forward_adapters is adapters and not layer._disable_adapters and layer._row_adapters is None
                 and modules["base_layer"] is base and modules["lora_A"] is a_owner and a_mods[name] is a_mod
                 and modules["lora_B"] is b_owner and b_mods[name] is b_mod and b_params["weight"] is B
                 and b_params["bias"] is None and B.data_ptr() == ptr and B._version == version
                 and layer.scaling[name] is scaling and (drop is None or not drop.training) and x.dtype is dtype
-                and not (hooks or pre_hooks or "forward" in base_attrs or _GLOBAL_FORWARD_HOOKS
+                and not (hooks or pre_hooks or "forward" in base_attrs or a_pre or a_post or b_pre or b_post
+                         or _GLOBAL_FORWARD_HOOKS
                          or _GLOBAL_FORWARD_PRE_HOOKS or _any_autocast())):
             A = a_params["weight"]
             if A.dtype is dtype:
@@ -94,6 +96,8 @@ def _fused_forward(layer: Linear, x: torch.Tensor) -> torch.Tensor | None:
     if len(names) != 1 or not _hook_free_linear(base) or modules["lora_magnitude_vector"]._modules:
         return None
     name = names[0]
+    if calls_modules(layer, modules["lora_A"]._modules[name], modules["lora_B"]._modules[name]):
+        return None
     W, b = base._parameters["weight"], base._parameters["bias"]
     A_params, B_params = modules["lora_A"]._modules[name]._parameters, modules["lora_B"]._modules[name]._parameters
     A, B = A_params["weight"], B_params["weight"]
@@ -123,8 +127,10 @@ def _inference_forward(layer: Linear, x: torch.Tensor) -> torch.Tensor:
     names = layer._forward_adapters
     if len(names) == 1:
         name = names[0]
-        A = modules["lora_A"]._modules[name]._parameters["weight"]
-        B = modules["lora_B"]._modules[name]._parameters["weight"]
+        a_mod, b_mod = modules["lora_A"]._modules[name], modules["lora_B"]._modules[name]
+        if calls_modules(layer, a_mod, b_mod):
+            return layer._add_adapters(x, result)
+        A, B = a_mod._parameters["weight"], b_mod._parameters["weight"]
         entry = layer._bt_cache.get(name)
         if not _entry_current(entry, A, B, layer.scaling[name]) or dropout_p(modules["lora_dropout"][name]) != 0.0:
             entry = _lean_entry(layer, name, A, B, result.dtype)  # None while dropout is active
@@ -150,7 +156,8 @@ def _build_lean_plan(layer: Linear, name: str, entry: tuple[Any, ...]) -> tuple[
     """The no-grad plan :func:`try_forward` runs while ``name`` is the only adapter in use: direct references to
     every object its checks read (the base layer, its parameter and hook dicts, the adapter's modules and
     parameter dicts, ``B`` with its storage and version, the scaling, the dropout module when it has one) and
-    the cached ``scaling * B.T`` (``(r, out)``) of ``entry`` (:func:`_lean_entry`).
+    the cached ``scaling * B.T`` (``(r, out)``) of ``entry`` (:func:`_lean_entry`), and the hook dicts of ``lora_A``
+    and ``lora_B`` (a hook there sends the call to the general path, which calls them as modules).
 
     Checked on every call: the adapters in use (``_refresh`` makes a new tuple on any change), disabling, mixed
     batches, that each module and ``B`` is still the one held, ``B``'s storage and version, the scaling object,
@@ -169,7 +176,8 @@ def _build_lean_plan(layer: Linear, name: str, entry: tuple[Any, ...]) -> tuple[
     return (layer._forward_adapters, modules, base, base._parameters, base.__dict__, base._forward_hooks,
             base._forward_pre_hooks, a_owner, a_owner._modules, a_mod, a_mod._parameters, b_owner,
             b_owner._modules, b_mod, b_mod._parameters, B, entry[2], entry[1], name, entry[3],
-            drop if type(drop) is nn.Dropout and drop.p > 0 else None, B.dtype, bts, native)
+            drop if type(drop) is nn.Dropout and drop.p > 0 else None, B.dtype, bts,
+            a_mod._forward_pre_hooks, a_mod._forward_hooks, b_mod._forward_pre_hooks, b_mod._forward_hooks, native)
 
 
 def _lean_entry(layer: Linear, name: str, A: torch.Tensor, B: torch.Tensor, dtype: torch.dtype
@@ -186,6 +194,7 @@ def _lean_entry(layer: Linear, name: str, A: torch.Tensor, B: torch.Tensor, dtyp
     ``delete_adapter`` drop it."""
     scaling = layer.scaling[name]
     if (type(scaling) is not float or layer.lora_B[name].bias is not None or A.dtype is not dtype
+            or calls_modules(layer, layer.lora_A[name], layer.lora_B[name])
             or B.dtype is not dtype or name in layer.lora_magnitude_vector
             or dropout_p(layer.lora_dropout[name]) != 0.0):
         layer._bt_cache.pop(name, None)
@@ -237,6 +246,22 @@ def _entry_current(entry: tuple[Any, ...] | None, A: torch.Tensor, B: torch.Tens
     parameter with the same storage and version, the same scaling object and the same ``A``."""
     return (entry is not None and entry[0] is B and not B.is_inference() and entry[1] == B._version
             and entry[2] == B.data_ptr() and entry[3] is scaling and entry[4] is A)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether ``module`` has forward hooks of its own or an instance ``forward`` (accelerate): then it must be
+    called as a module, not replaced by its ``weight``."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or "forward" in module.__dict__)
+
+
+def calls_modules(layer: nn.Module, lora_A: nn.Module, lora_B: nn.Module) -> bool:
+    """Whether an adapter's update must run as the reference writes it, ``lora_B(lora_A(dropout(x)))`` with the
+    input cast only when ``layer.cast_input_dtype_enabled``: when casting is disabled
+    (:func:`peftkit.helpers.disable_input_dtype_casting`, for hooks that manage dtypes themselves, e.g. diffusers'
+    layerwise casting), or when ``lora_A`` / ``lora_B`` have hooks (their own or global ones) that the fused
+    paths, which read the weights directly, would skip."""
+    return (not layer.cast_input_dtype_enabled or _hooked(lora_A) or _hooked(lora_B)
+            or bool(_GLOBAL_FORWARD_HOOKS or _GLOBAL_FORWARD_PRE_HOOKS))
 
 
 def dropout_p(dropout: nn.Module | None) -> float | None:

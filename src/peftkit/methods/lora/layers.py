@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from ...errors import ConfigError, MergeError
+from ...errors import ConfigError, GroupedConvMergeError, MergeError
 from ...injection.apply import defer_init, is_probing, skip_random_init
 from ...layers.base import AdapterLayer
 from ...layers.dispatch import inplace_safe
@@ -25,7 +25,7 @@ from ...ops.batched import add_mixed_lowrank_, mixed_embedding_hidden, stack_ada
 from ...ops.lora_fused import add_lora_, dora_add_
 from ...ops.lowrank import add_scaled_, can_update_inplace
 from .dora import DoraMagnitude, dora_update, view_norm
-from .fastpath import dropout_p, try_forward
+from .fastpath import calls_modules, dropout_p, try_forward
 from .init import init_conv_or_linear_, init_embedding_, init_from_weight, uses_base_weight
 
 
@@ -58,6 +58,10 @@ class LoraLayer(AdapterLayer):
     fan_in_fan_out: bool
     in_features: int
     out_features: int
+    #: whether the input is cast to the adapter weights' dtype before ``lora_A`` (the reference's attribute);
+    #: :func:`peftkit.helpers.disable_input_dtype_casting` sets it to False per layer, for forward hooks that
+    #: manage dtypes themselves (diffusers' layerwise casting). A class default: one attribute read when unset.
+    cast_input_dtype_enabled: bool = True
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False,
                  features: tuple[int, int] | None = None) -> None:
@@ -129,6 +133,13 @@ class LoraLayer(AdapterLayer):
         if use_dora:
             self._create_dora(adapter_name)
         self._refresh()
+
+    def _cast_input_dtype(self, x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """``x`` in ``dtype`` (shape unchanged), or ``x`` itself when casting is disabled
+        (``cast_input_dtype_enabled``), when it already has ``dtype``, or when it is None, as the reference."""
+        if x is None or not self.cast_input_dtype_enabled or x.dtype == dtype:
+            return x
+        return x.to(dtype)
 
     def adapted_weight(self) -> torch.Tensor:
         """The base tensor this layer's adapters update (its device and dtype are the adapters'): the base
@@ -363,7 +374,7 @@ class Linear(LoraLayer):
                 result = self._dora_forward(name, x, result, base_out)
                 continue
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            hidden = lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype)))  # (..., r)
+            hidden = lora_A(self.lora_dropout[name](self._cast_input_dtype(x, lora_A.weight.dtype)))  # (..., r)
             if lora_B.bias is None:  # scale in rank space: no output-sized scaling pass in forward or backward
                 update = lora_B(hidden * self.scaling[name])
             else:
@@ -393,6 +404,10 @@ class Linear(LoraLayer):
                 result = self._dora_forward(name, x, result, base_out)
                 continue
             A_mod, B_mod, dropout = lora_A[name], lora_B[name], dropouts[name]
+            if calls_modules(self, A_mod, B_mod):  # the reference's formula: casting disabled, or hooks to run
+                update = B_mod(A_mod(dropout(self._cast_input_dtype(x, A_mod.weight.dtype)))) * self.scaling[name]
+                result = (result + update).to(base_out.dtype)
+                continue
             p = dropout_p(dropout)
             x_in = x
             if p is None:  # a dropout module of another kind: call it, no fused dropout
@@ -415,7 +430,7 @@ class Linear(LoraLayer):
         lora_A, lora_B = self.lora_A[name], self.lora_B[name]
         dropout = self.lora_dropout[name]
         if (result is base_out and self._forward_adapters == (name,) and self._inplace and lora_B.bias is None
-                and dropout_p(dropout) == 0.0):  # the only adapter: the base output may be updated in place
+                and dropout_p(dropout) == 0.0 and not calls_modules(self, lora_A, lora_B)):  # the only adapter: the base output may be updated in place
             fast = dora_add_(result, x, lora_A.weight, lora_B.weight, self.scaling[name],
                              self.lora_magnitude_vector[name].weight, self.dora_weight_norm(name),
                              self.get_base_layer().bias)
@@ -428,7 +443,7 @@ class Linear(LoraLayer):
         else:
             dropped = dropout(x)
             base_no_bias = F.linear(dropped, self._weight_out_in().to(dropped.dtype))
-        lora_out = lora_B(lora_A(dropped.to(lora_A.weight.dtype))) * self.scaling[name]
+        lora_out = lora_B(lora_A(self._cast_input_dtype(dropped, lora_A.weight.dtype))) * self.scaling[name]
         magnitude = self.lora_magnitude_vector[name].weight
         return dora_update(result, base_no_bias, lora_out, magnitude, self.dora_weight_norm(name))
 
@@ -541,12 +556,6 @@ class Embedding(LoraLayer):
         return work.to(result.dtype)
 
 
-class GroupedConvMergeError(MergeError, NotImplementedError):
-    """Merging LoRA into a grouped convolution (``groups > 1``): the update ``B ∘ A`` mixes all input channels into
-    every output, which a grouped kernel ``(out, in / groups, *k)`` cannot hold (the reference raises
-    ``NotImplementedError``)."""
-
-
 class Conv(LoraLayer):
     """LoRA on ``nn.Conv1d/2d/3d``: A is a conv with the base kernel, stride, padding and dilation; B is 1x1.
 
@@ -604,7 +613,7 @@ class Conv(LoraLayer):
             if name in self.lora_magnitude_vector:
                 result = self._dora_forward(name, x, result, base_out)
                 continue
-            delta = lora_B(lora_A(self.lora_dropout[name](x.to(lora_A.weight.dtype))))
+            delta = lora_B(lora_A(self.lora_dropout[name](self._cast_input_dtype(x, lora_A.weight.dtype))))
             if self._inplace and not dora and not _compiling() and can_update_inplace(result, lora_A.weight):
                 add_scaled_(result, delta, self.scaling[name])
             else:
@@ -630,7 +639,7 @@ class Conv(LoraLayer):
             else:
                 conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[weight.dim() - 2]
                 base_no_bias = conv(dropped, weight, None, base.stride, base.padding, base.dilation, base.groups)
-        lora_out = lora_B(lora_A(dropped.to(lora_A.weight.dtype))) * self.scaling[name]
+        lora_out = lora_B(lora_A(self._cast_input_dtype(dropped, lora_A.weight.dtype))) * self.scaling[name]
         magnitude = self.lora_magnitude_vector[name].weight
         return dora_update(result, base_no_bias, lora_out, magnitude, self.dora_weight_norm(name))
 
