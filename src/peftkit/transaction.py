@@ -42,8 +42,8 @@ _STAGING_RE = re.compile(r"\.peftkit-save-[0-9a-f]{16}\Z")
 _MAX_MANIFEST_BYTES = 64 * 1024
 
 _held_lock = threading.Lock()
-#: (st_dev, st_ino, thread id) -> [mode, depth] of the directory locks this process holds
-_held: dict[tuple[int, int, int], list[object]] = {}
+#: (st_dev, st_ino, thread id) of the directory locks this process holds
+_held: set[tuple[int, int, int]] = set()
 
 
 def replace_files(
@@ -128,13 +128,9 @@ def locked(directory: str, exclusive: bool) -> Iterator[None]:
         info = os.fstat(fd)
         key = (info.st_dev, info.st_ino, threading.get_ident())
         with _held_lock:
-            held = _held.get(key)
-        if held is not None:
-            held[1] = int(held[1]) + 1  # type: ignore[call-overload]
-            try:
-                yield
-            finally:
-                held[1] = int(held[1]) - 1  # type: ignore[call-overload]
+            reentered = key in _held
+        if reentered:  # this thread holds it already (the outer holder releases it)
+            yield
             return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
@@ -142,12 +138,12 @@ def locked(directory: str, exclusive: bool) -> Iterator[None]:
             yield
             return
         with _held_lock:
-            _held[key] = ["ex" if exclusive else "sh", 0]
+            _held.add(key)
         try:
             yield
         finally:
             with _held_lock:
-                del _held[key]
+                _held.discard(key)
     finally:
         os.close(fd)  # releases the flock
 

@@ -9,6 +9,8 @@ import os
 import re
 import reprlib
 import sys
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -66,14 +68,9 @@ def save_adapter_files(directory: str, config: PeftConfig, tensors: dict[str, to
     else:
         name, stale = WEIGHTS_NAME, SAFETENSORS_WEIGHTS_NAME
         write_weights = lambda tmp: torch.save(tensors, tmp)
-    replace_files(directory, {name: write_weights, CONFIG_NAME: lambda tmp: _write_text(tmp, config_text)},
-                  remove=[stale])
+    write_config = lambda tmp: Path(tmp).write_text(config_text, encoding="utf-8")
+    replace_files(directory, {name: write_weights, CONFIG_NAME: write_config}, remove=[stale])
     return os.path.join(directory, name)
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        fh.write(text)
 
 
 def load_peft_weights(
@@ -118,8 +115,6 @@ def check_pair(config: PeftConfig, metadata: dict[str, str], where: str) -> None
     text = metadata.get(CONFIG_METADATA_KEY)
     if text is None:
         return
-    import warnings
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # fields of a newer version: reported once, for the file's config

@@ -25,6 +25,7 @@ from torch import nn
 
 from ...config import PeftConfig
 from ...errors import ConfigError, PeftWarning
+from .param import ParamLayer
 
 #: old target name -> fused parameter name, per transformers conversion pattern (the reference's table)
 TARGET_MAPPING: dict[str, dict[str, str]] = {
@@ -194,8 +195,5 @@ def _depth(model: nn.Module, experts: str, parameter: str) -> int:
             module = model.get_submodule("base_model.model." + path)
         except AttributeError:
             return 0
-    chain: list[str] = []
-    while hasattr(module, "parameter_name"):
-        chain.append(module.parameter_name)
-        module = module.base_layer
+    chain = [layer.parameter_name for layer in module.chain()] if isinstance(module, ParamLayer) else []
     return chain.index(parameter) if parameter in chain else 0

@@ -159,7 +159,7 @@ class ParamLayer(LoraLayer):
             out = routed_forward(module, {layer.parameter_name: layer for layer in active}, args, kwargs)
             if out is not None:
                 return out
-        values = {layer.parameter_name: layer.adapted_weight() + sum(
-            (layer.get_delta_weight(name) for name in layer._forward_adapters), torch.zeros((), dtype=torch.float32)
-        ).to(layer.adapted_weight().dtype) for layer in active}
+        values = {layer.parameter_name: layer.adapted_weight() + sum(map(layer.get_delta_weight,
+                                                                         layer._forward_adapters))
+                  for layer in active}  # W + ΔW for the call (deltas in the parameter's dtype)
         return torch.func.functional_call(module, values, args, kwargs, strict=False)
