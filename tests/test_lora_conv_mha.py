@@ -290,3 +290,42 @@ def test_mha_refuses_mixed_adapter_batches() -> None:
     model = _build(peftkit, "mha")
     with pytest.raises(TypeError, match="mixed"):
         model(_inputs("mha"), adapter_names=["default", "default"])
+
+
+def test_failed_injection_restores_mha_out_proj(monkeypatch) -> None:
+    """A failure on a later target undoes the MHA wrapper and the out_proj layer nested inside the base module."""
+    import peftkit.injection.apply as apply_mod
+
+    torch.manual_seed(0)
+    model = AttnNet(batch_first=True)
+    original_out_proj = model.attn.out_proj
+    real = apply_mod.adapter_dtype
+
+    def failing(base: nn.Module, autocast: bool) -> torch.dtype:
+        if base is model.head:
+            raise RuntimeError("injected failure")
+        return real(base, autocast)
+
+    monkeypatch.setattr(apply_mod, "adapter_dtype", failing)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        peftkit.get_peft_model(model, peftkit.LoraConfig(target_modules=["attn", "head"]))
+    assert type(model.attn) is nn.MultiheadAttention
+    assert model.attn.out_proj is original_out_proj
+    assert type(model.head) is nn.Linear
+
+
+def test_failed_mha_layer_creation_restores_out_proj(monkeypatch) -> None:
+    """A failure while the MHA layer itself is created (its out_proj adapter) leaves the base's out_proj as it was."""
+    from peftkit.methods.lora.layers import Linear
+
+    def failing(self: Linear, *args: object, **kwargs: object) -> None:
+        raise RuntimeError("injected failure")
+
+    torch.manual_seed(0)
+    model = AttnNet(batch_first=True)
+    original_out_proj = model.attn.out_proj
+    monkeypatch.setattr(Linear, "update_layer", failing)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        peftkit.get_peft_model(model, peftkit.LoraConfig(target_modules=["attn"]))
+    assert type(model.attn) is nn.MultiheadAttention
+    assert model.attn.out_proj is original_out_proj

@@ -212,3 +212,28 @@ def test_rows_autocast_to_float32_on_bf16_base_like_reference() -> None:
     ref_rows = ref.base_model.model.model.embed_tokens.trainable_tokens_delta["default"]
     assert kit_rows.dtype == ref_rows.dtype == torch.float32
     assert torch.equal(kit_rows, ref_rows)
+
+
+def test_resized_tied_vocab_saves_rows_alone_and_reloads_exactly(tmp_path) -> None:
+    """docs/trainable_tokens.md: with tied embeddings and every added token trained, ``save_embedding_layers=False``
+    saves the rows alone, and a base resized again (other random rows) gives the same outputs after loading."""
+    base = _model(tied=True)
+    old_vocab = base.get_input_embeddings().weight.shape[0]
+    base.resize_token_embeddings(old_vocab + 2)
+    new_ids = [old_vocab, old_vocab + 1]
+    model = peftkit.get_peft_model(base, peftkit.TrainableTokensConfig(token_indices=new_ids))
+    _perturb(model)
+    ids = torch.tensor([[1, old_vocab, 7, old_vocab + 1, 4]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    model.save_pretrained(str(tmp_path), save_embedding_layers=False)
+    # the rows only (the tied head's key holds the same rows, as the reference writes it); no embedding matrix
+    assert set(_keys(str(tmp_path))) == {"base_model.model.model.embed_tokens.trainable_tokens_delta",
+                                         "base_model.model.lm_head.trainable_tokens_delta"}
+
+    torch.manual_seed(123)  # the new rows of this resize differ from the first one's
+    fresh = _model(tied=True)
+    fresh.resize_token_embeddings(old_vocab + 2)
+    loaded = peftkit.PeftModel.from_pretrained(fresh, str(tmp_path)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, expected, atol=0, rtol=0)  # same rows, same kernels

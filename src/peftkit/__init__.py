@@ -50,11 +50,14 @@ from .methods.ia3 import IA3Config
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
 from .methods.lora import LoraConfig
+from .methods.lora.config import LoraRuntimeConfig
+from .methods.lora.conversion import convert_to_lora, save_as_lora
 from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .methods.prompt import PromptLearningConfig
 from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 from .methods.trainable_tokens import TrainableTokensConfig
+from .mixed_model import PeftMixedModel
 from .peft_model import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
     PeftModel,
@@ -126,12 +129,14 @@ __all__ = [
     "LoKrModel",
     "LoraConfig",
     "LoraModel",
+    "LoraRuntimeConfig",
     "MergeError",
     "MethodSpec",
     "ModulesToSaveWrapper",
     "NoMatchingPeftModuleError",
     "PeftConfig",
     "PeftError",
+    "PeftMixedModel",
     "PeftModel",
     "PeftModelForCausalLM",
     "PeftModelForFeatureExtraction",
@@ -164,6 +169,7 @@ __all__ = [
     "all_methods",
     "attach_adalora",
     "cast_mixed_precision_params",
+    "convert_to_lora",
     "get_base_model_state_dict",
     "get_layer_status",
     "get_method",
@@ -178,6 +184,7 @@ __all__ = [
     "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
     "register_method",
+    "save_as_lora",
     "set_base_model_state_dict",
     "set_peft_model_state_dict",
     "shift_tokens_right",

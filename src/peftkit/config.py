@@ -232,8 +232,10 @@ class PeftConfig:
         return target(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike[str]) -> dict[str, Any]:
-        """The dict stored in a JSON file; a broken file raises :class:`AdapterLoadError` naming it."""
+    def from_json_file(cls, path_json_file: str | os.PathLike[str], **kwargs: Any) -> dict[str, Any]:
+        """The dict stored in a JSON file; a broken file raises :class:`AdapterLoadError` naming it. ``kwargs`` are
+        accepted for the reference's signature and ignored (as there)."""
+        path = path_json_file
         try:
             with open(path, encoding="utf-8") as fh:
                 text = fh.read()

@@ -34,6 +34,11 @@ class ConfigTypeError(ConfigError, TypeError):
     the reference raises (untyped) in these cases."""
 
 
+class LayerReplicationError(ConfigError, IndexError):
+    """A ``layer_replication`` range past the model's last layer: a :class:`ConfigError` and an ``IndexError``,
+    which the reference raises there (indexing the layer list)."""
+
+
 class NoMatchingPeftModuleError(PeftError, ValueError):
     """``target_modules`` (or another selector) matched no module of the model."""
 

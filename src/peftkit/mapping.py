@@ -11,6 +11,7 @@ from torch import nn
 from .config import PeftConfig
 from .errors import ConfigError, ConfigTypeError, PeftWarning
 from .layers.base import AdapterLayer
+from .mixed_model import PeftMixedModel
 from .peft_model import MODEL_TYPE_TO_PEFT_MODEL_MAPPING, PeftModel
 from .registry import MethodSpec, all_methods, get_method
 from .tuner import tuner_class
@@ -26,14 +27,13 @@ def get_peft_model(
     autocast_adapter_dtype: bool = True,
     revision: str | None = None,
     low_cpu_mem_usage: bool = False,
-) -> PeftModel:
-    """Wrap ``model`` with a new adapter and return the task's ``PeftModel`` subclass.
+) -> PeftModel | PeftMixedModel:
+    """Wrap ``model`` with a new adapter and return the task's ``PeftModel`` subclass (``mixed=True``: a
+    :class:`~peftkit.mixed_model.PeftMixedModel`, which also takes adapters of other compatible types).
 
     ``model`` is modified in place (targeted modules become adapter layers, all base parameters are frozen);
     ``peft_config`` is not modified. Use ``unload()`` to get the original modules back.
     """
-    if mixed:
-        raise ConfigError("mixed", mixed, "peftkit does not implement PeftMixedModel yet; allowed: False")
     if not isinstance(peft_config, PeftConfig):
         raise ConfigError("peft_config", type(peft_config).__name__, "allowed: a PeftConfig instance (e.g. LoraConfig)")
     if not isinstance(model, nn.Module):
@@ -55,6 +55,9 @@ def get_peft_model(
             warnings.warn(f"the config sets the base model revision {peft_config.revision!r}; the revision argument "
                           f"{revision!r} overrides it", PeftWarning, stacklevel=2)
         peft_config = peft_config.copy(revision=revision)
+    if mixed:
+        return PeftMixedModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                              low_cpu_mem_usage=low_cpu_mem_usage)
     cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(str(peft_config.task_type), PeftModel)
     return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
                low_cpu_mem_usage=low_cpu_mem_usage)
@@ -75,20 +78,13 @@ def inject_adapter_in_model(
     if peft_config.is_prompt_learning:
         raise ConfigError("peft_type", str(peft_config.peft_type),
                           "inject_adapter_in_model does not support prompt-learning methods")
-    if state_dict is not None:
-        prefix = get_method(str(peft_config.peft_type)).prefix
-        names = {_strip(k).rsplit("." + prefix, 1)[0] for k in state_dict if "." + prefix in k}
-        peft_config = peft_config.copy(target_modules=names)
     existing = getattr(model, "peft_config", None)
     if isinstance(existing, dict) and existing:
         raise ConfigError("model", type(model).__name__,
                           "it already holds injected adapters; add more through a PeftModel")
-    tuner_class(peft_config.peft_type)(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage)
+    tuner_class(peft_config.peft_type)(model, peft_config, adapter_name, low_cpu_mem_usage=low_cpu_mem_usage,
+                                       state_dict=state_dict)  # the state dict's keys name the targets
     return model
-
-
-def _strip(key: str) -> str:
-    return key.removeprefix("base_model.model.")
 
 
 class _RegistryView(Mapping[PeftType, Any]):
@@ -130,7 +126,7 @@ PEFT_TYPE_TO_TUNER_MAPPING: Mapping[PeftType, type[nn.Module]] = _RegistryView(
 #: ``{PeftType: tuner class}`` of the methods that can share a model with adapters of other types (a method's
 #: ``MethodSpec.mixed_compatible``)
 PEFT_TYPE_TO_MIXED_MODEL_MAPPING: Mapping[PeftType, type[nn.Module]] = _RegistryView(
-    lambda spec: tuner_class(spec.peft_type), lambda spec: bool(getattr(spec, "mixed_compatible", False)))
+    lambda spec: tuner_class(spec.peft_type), lambda spec: spec.mixed_compatible)
 
 
 def get_peft_config(config_dict: dict[str, Any]) -> PeftConfig:

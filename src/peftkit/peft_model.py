@@ -216,6 +216,13 @@ class PeftModel(nn.Module):
         """Activate ``adapter_name``; see the module docstring for what happens to trainability."""
         self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether :func:`peftkit.convert_to_lora` can turn adapter ``adapter_name`` into a LoRA (False for
+        prompt-learning methods; otherwise every adapter layer must support it), as the reference."""
+        if self.active_peft_config.is_prompt_learning:
+            return False
+        return self.base_model.supports_lora_conversion(adapter_name)
+
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete ``adapter_name`` (raises for an unknown or merged adapter)."""
         self.base_model.delete_adapter(adapter_name)
@@ -401,7 +408,7 @@ class PeftModel(nn.Module):
                         check_state_dict_shapes(probe, weights, adapter_name,
                                                 kwargs.get("ignore_mismatched_sizes", False), key_mapping)
                     finally:
-                        probe.base_model.unload()
+                        probe.base_model._restore_model()  # adapters and LoRA's replicated layers
             finally:
                 for param, grad in grads:
                     param.requires_grad_(grad)
@@ -416,7 +423,7 @@ class PeftModel(nn.Module):
                         key_mapping=key_mapping, assign=True,
                     )
                 except BaseException:
-                    peft_model.base_model.unload()
+                    peft_model.base_model._restore_model()
                     raise
         except BaseException:
             for param, grad in grads:
@@ -570,7 +577,10 @@ PeftModel.forward = declare_labels(PeftModel.forward, PeftModel._label_names)  #
 class PeftModelForCausalLM(PeftModel):
     """Causal language models: ``forward`` and ``generate`` pass through."""
 
-    def prepare_inputs_for_generation(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def prepare_inputs_for_generation(self, *args: Any, task_ids: torch.Tensor | None = None,
+                                      **kwargs: Any) -> dict[str, Any]:
+        """The base model's (prompt methods add their virtual tokens). ``task_ids`` is the reference's parameter
+        for multitask prompt tuning, which peftkit does not implement; other methods ignore it, as there."""
         return self.base_model.prepare_inputs_for_generation(*args, **kwargs)
 
 
@@ -579,6 +589,11 @@ class PeftModelForSeq2SeqLM(PeftModel):
 
     def generate(self, **kwargs: Any) -> Any:  # type: ignore[override]
         return super().generate(**kwargs)
+
+    def prepare_inputs_for_generation(self, *args: Any, task_ids: torch.Tensor | None = None,
+                                      **kwargs: Any) -> dict[str, Any]:
+        """As :meth:`PeftModelForCausalLM.prepare_inputs_for_generation`."""
+        return self.base_model.prepare_inputs_for_generation(*args, **kwargs)
 
 
 class PeftModelForSequenceClassification(PeftModel):

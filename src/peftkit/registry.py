@@ -77,7 +77,8 @@ class MethodSpec:
         export_state: ``(model, config, adapter_name, tensors) -> tensors``: applied by ``get_peft_model_state_dict``
             to the checkpoint tensors (keys relative to ``model``), e.g. AdaLoRA's slicing by ``rank_pattern``.
         handles_tied_embeddings: the method adapts both modules of tied input/output embeddings itself (TrainableTokens'
-            tied layers), so targeting one of them does not warn.
+            tied layers), so targeting one of them does not warn; or ``(config) -> bool`` when that depends on the
+            config (LoRA's ``ensure_weight_tying``).
         rank_field: the config field that sets the rank of new layers (AdaLoRA: ``init_r``; its ``r`` is unused).
         pattern_fields: config fields holding ``{module-name regex: value}`` per-layer overrides; a key matching no
             targeted module warns (AdaLoRA's ``rank_pattern`` is a record of surviving ranks, not such a field).
@@ -96,6 +97,20 @@ class MethodSpec:
         init_allocates: ``(config) -> bool``: whether injecting an adapter of ``config`` for a load still allocates
             and fills its tensors although the checkpoint overwrites them (PiSSA / OLoRA change the base, DoRA
             computes its magnitude from the factors): loads then check the checkpoint on a meta probe first.
+        mixed_compatible: adapters of the method may share a model with adapters of other methods
+            (``PeftMixedModel``, ``get_peft_model(..., mixed=True)``; the reference's ``COMPATIBLE_TUNER_TYPES``).
+        layer_cls: the class every adapter layer of the method derives from. Planning refuses a target that already
+            is an adapter layer of another class, except in a mixed model, where the new layer wraps it (nests);
+            None: no such check.
+        prepare_model: ``(model, config) -> undo or None``: changes the model's structure before an adapter of
+            ``config`` is planned (LoRA's ``layer_replication``); returns a function undoing the change (called when
+            the injection or load fails), or None when nothing changed (e.g. already prepared: must be idempotent).
+        check_merge: ``(model, config) -> None``: raises :class:`MergeError` when the adapters on ``model`` cannot
+            be merged because of ``config`` or what ``prepare_model`` did (replicated layers share base weights).
+        extra_layers: ``(model, config, adapter_name, applied, autocast_adapter_dtype) -> None``: called by
+            ``apply_plan`` after the planned layers and ``modules_to_save``, to add the layers of another kind that
+            ``config`` asks for under the same adapter name (LoRA's ``trainable_token_indices``); it records every
+            module it changes in ``applied`` (``touched`` / ``replaced``), so a failure rolls it back. None: none.
     """
 
     peft_type: PeftType
@@ -131,7 +146,12 @@ class MethodSpec:
     convert_checkpoint: Callable[[nn.Module, dict[str, torch.Tensor], str], dict[str, torch.Tensor]] | None = None
     rank_field: str = "r"
     pattern_fields: tuple[str, ...] = ("rank_pattern", "alpha_pattern")
-    handles_tied_embeddings: bool = False
+    handles_tied_embeddings: bool | Callable[[PeftConfig], bool] = False
+    mixed_compatible: bool = False
+    layer_cls: type | None = None
+    prepare_model: Callable[[nn.Module, PeftConfig], Callable[[], None] | None] | None = None
+    check_merge: Callable[[nn.Module, PeftConfig], None] | None = None
+    extra_layers: Callable[[nn.Module, PeftConfig, str, Any, bool], None] | None = None
 
 
 _REGISTRY: dict[PeftType, MethodSpec] = {}

@@ -7,6 +7,7 @@ reprs and status reports read as users expect.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -51,12 +52,17 @@ class TunerModel(BaseTuner):
         peft_config: PeftConfig | dict[str, PeftConfig],
         adapter_name: str = "default",
         low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, Any] | None = None,
         autocast_adapter_dtype: bool = True,
         task_heads: Sequence[str] = (),
     ) -> None:
+        """``state_dict`` (the reference's parameter): when given, each adapter targets the modules its keys name
+        (``<path>.lora_A.weight`` -> ``<path>``) instead of its config's ``target_modules``."""
         super().__init__(model, task_heads)
         self._loss_term: Any = None  # MethodSpec.loss_term of the method, set on injection
         configs = peft_config if isinstance(peft_config, dict) else {adapter_name: peft_config}
+        if state_dict is not None:
+            configs = {name: targets_from_state_dict(config, state_dict) for name, config in configs.items()}
         # low_cpu_mem_usage: adapter tensors stay on the meta device until a checkpoint is loaded (as the reference)
         with adapters_on_meta() if low_cpu_mem_usage else contextlib.nullcontext():
             for name, config in configs.items():
@@ -86,9 +92,28 @@ class TunerModel(BaseTuner):
             if isinstance(module, AdapterLayer):
                 yield module
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether :func:`peftkit.convert_to_lora` can express adapter ``adapter_name`` as a LoRA: every layer holding
+        it must say so (its effect is ``W + ΔW`` on a 2-d weight). Layers holding only other adapters do not count
+        (the reference asks every layer, although its conversion fails on such a model)."""
+        layers = [layer for layer in self.adapter_layers() if layer.has_adapter(adapter_name)]
+        return bool(layers) and all(layer.supports_lora_conversion(adapter_name) for layer in layers)
+
+    @staticmethod
+    def get_model_config(model: nn.Module) -> dict[str, Any]:
+        """``model.config`` as a dict (``to_dict()``, or a dataclass's fields), or ``{"model_type": "custom"}`` for a
+        model without one, as the reference."""
+        model_config = getattr(model, "config", {"model_type": "custom"})
+        if hasattr(model_config, "to_dict"):
+            return model_config.to_dict()
+        if dataclasses.is_dataclass(model_config) and not isinstance(model_config, type):
+            return dataclasses.asdict(model_config)
+        return model_config
+
     def plan(self, config: PeftConfig, adapter_name: str) -> InjectionPlan:
         """The injection plan ``config`` would produce on this model (nothing is modified)."""
-        return plan_injection(self.model, config, adapter_name, get_method(config.peft_type), self._task_heads)
+        return plan_injection(self.model, config, adapter_name, get_method(config.peft_type), self._task_heads,
+                              self._nests_methods)
 
     def inject_adapter(
         self, config: PeftConfig, adapter_name: str, autocast_adapter_dtype: bool = True
@@ -99,11 +124,20 @@ class TunerModel(BaseTuner):
         inactive and frozen.
         """
         method = self._check_new_adapter(config, adapter_name)
-        plan = plan_injection(self.model, config, adapter_name, method, self._task_heads)
-        stored = config.copy(**_resolved_fields(config, plan))  # validates again: may raise, so before any swap
+        # the method's structural change (LoRA's layer_replication) comes before planning, which must see it
+        undo = method.prepare_model(self.model, config) if method.prepare_model is not None else None
+        try:
+            plan = plan_injection(self.model, config, adapter_name, method, self._task_heads, self._nests_methods)
+            stored = config.copy(**_resolved_fields(config, plan))  # validates again: may raise, so before any swap
+            with gc_paused():  # thousands of small long-lived objects: no collection passes while they are made
+                applied = apply_plan(self.model, plan, config, method, autocast_adapter_dtype)
+        except BaseException:
+            if undo is not None:
+                undo()
+            raise
+        if undo is not None:
+            self._prepared[adapter_name] = undo
         first = not self.peft_config
-        with gc_paused():  # thousands of small long-lived objects: no collection passes while they are made
-            applied = apply_plan(self.model, plan, config, method, autocast_adapter_dtype)
         make_quantized_layers_trainable(self.model)  # e.g. bnb 4-bit CPU repacking would cut gradients off
         self.peft_config[adapter_name] = stored
         self._trainable[adapter_name] = not config.inference_mode
@@ -136,8 +170,12 @@ class TunerModel(BaseTuner):
         return method
 
     def remove_injected(self, applied: AppliedPlan) -> None:
-        """Undo :meth:`inject_adapter` completely (used when a load fails after injection)."""
+        """Undo :meth:`inject_adapter` completely (used when a load fails after injection), including the model
+        preparation the adapter made (``MethodSpec.prepare_model``)."""
         rollback(self.model, applied)
+        undo = self._prepared.pop(applied.adapter_name, None)
+        if undo is not None:
+            undo()
         self.peft_config.pop(applied.adapter_name, None)
         self._trainable.pop(applied.adapter_name, None)
         self._active = [a for a in self._active if a != applied.adapter_name]
@@ -226,6 +264,7 @@ class TunerModel(BaseTuner):
         for _, module in self.adapter_modules():
             module.delete_adapter(adapter_name)
         del self.peft_config[adapter_name]
+        self._prepared.pop(adapter_name, None)  # a prepared structure stays, as the reference's replicated layers
         self._trainable.pop(adapter_name, None)
         remaining = [a for a in self._active if a != adapter_name]
         self._active = remaining or sorted(self.peft_config)[:1]
@@ -319,6 +358,10 @@ class TunerModel(BaseTuner):
     def _check_mergeable(self, adapter_names: list[str] | None) -> None:
         if not get_method(self.peft_type).mergeable:
             raise MergeError(f"{self.peft_type} adapters cannot be merged")
+        for config in self.peft_config.values():  # e.g. LoRA's replicated layers, which share their base weights
+            check = get_method(str(config.peft_type)).check_merge
+            if check is not None:
+                check(self.model, config)
         if adapter_names is not None:
             self._require(adapter_names)
 
@@ -457,6 +500,16 @@ def _is_base_bias(name: str, prefix: str) -> bool:
 
 
 _TUNER_CLASSES: dict[str, type[Any]] = {}
+
+
+def targets_from_state_dict(config: PeftConfig, state_dict: dict[str, Any]) -> PeftConfig:
+    """``config`` targeting the modules that ``state_dict``'s adapter keys name: ``[base_model.model.]<path>.<prefix>
+    ...`` -> ``<path>`` (``<prefix>`` is the method's parameter prefix, e.g. ``lora_``; a ``torch.compile``
+    ``_orig_mod.`` is dropped, as the reference)."""
+    prefix = "." + get_method(str(config.peft_type)).prefix
+    names = {key.removeprefix("base_model.model.").rsplit(prefix, 1)[0].removeprefix("_orig_mod.")
+             for key in state_dict if prefix in key}
+    return config.copy(target_modules=names)
 
 
 def tuner_class(peft_type: object) -> type[TunerModel]:

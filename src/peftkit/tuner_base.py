@@ -7,7 +7,7 @@ trainability, forwards unknown attributes to the model, and checks names and con
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import PureWindowsPath
 from typing import Any
 
@@ -58,6 +58,9 @@ class BaseTuner(nn.Module):
     """
 
     prefix: str = ""
+    #: whether adapters of different (mixed-compatible) methods may share this tuner, their layers nesting on a
+    #: module (``peftkit.mixed_model.MixedModel``); otherwise all adapters must have one peft type
+    _nests_methods: bool = False
 
     def __init__(self, model: nn.Module, task_heads: Sequence[str] = ()) -> None:
         super().__init__()
@@ -68,6 +71,9 @@ class BaseTuner(nn.Module):
         self._task_heads = tuple(task_heads)
         self.targeted_module_names: list[str] = []
         self.targeted_parameter_names: list[str] = []
+        #: ``{adapter_name: undo}`` of the model changes made before injecting that adapter (``MethodSpec.
+        #: prepare_model``, e.g. LoRA's layer replication); :meth:`_restore_model` runs them
+        self._prepared: dict[str, Callable[[], None]] = {}
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -76,6 +82,16 @@ class BaseTuner(nn.Module):
             if name == "model":
                 raise
             return getattr(self.model, name)
+
+    def _restore_model(self) -> nn.Module:
+        """Give the model back as it was before this tuner touched it (used when a load fails, and to discard a
+        load's probe): ``unload()``, then undo every ``MethodSpec.prepare_model`` change its adapters made (LoRA's
+        replicated layers, which a plain ``unload()`` keeps, as the reference does)."""
+        model = self.unload()  # type: ignore[attr-defined]
+        for undo in reversed(list(self._prepared.values())):
+            undo()
+        self._prepared.clear()
+        return model
 
     @property
     def active_adapters(self) -> list[str]:
@@ -135,7 +151,7 @@ class BaseTuner(nn.Module):
         if adapter_name == BASE_ROW:
             raise ConfigError("adapter_name", adapter_name, f"{BASE_ROW!r} is reserved for base-model rows of mixed "
                               "batches; choose another name")
-        if self.peft_config and str(config.peft_type) != self.peft_type:
+        if self.peft_config and not self._nests_methods and str(config.peft_type) != self.peft_type:
             raise ConfigError(
                 "peft_type", str(config.peft_type),
                 f"Cannot combine adapters with different peft types; this model holds {self.peft_type} adapters",

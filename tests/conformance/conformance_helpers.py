@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import torch
+from kind_models import CASE_CONFIG_KWARGS, KIND_CASE_KINDS, KIND_CASES, REFUSED, UNMERGEABLE
 from models import TASK_CASES, TaskCase, model_output
 from numerics import TINY_MODEL_REDUCTION, fp_tol
 from torch import nn
@@ -50,7 +51,8 @@ class MethodConfig:
 
     def config(self, case: TaskCase, **overrides: Any) -> PeftConfig:
         """The config for ``case`` (``overrides`` win over the example's keyword arguments)."""
-        kwargs = {"task_type": case.task_type, "target_modules": list(case.target_modules), **self.kwargs, **overrides}
+        kwargs = {"task_type": case.task_type, "target_modules": list(case.target_modules),
+                  **CASE_CONFIG_KWARGS.get(case.name, {}), **self.kwargs, **overrides}
         return self.spec.config_cls(**kwargs)
 
     def observable(self, case: TaskCase, **overrides: Any) -> PeftConfig:
@@ -88,7 +90,10 @@ CASE_TARGET_KINDS: dict[str, frozenset[str]] = {
     "custom-emb": frozenset({"embedding"}),
     "custom-conv2d": frozenset({"conv"}),
     "custom-conv1d": frozenset({"conv"}),
+    **KIND_CASE_KINDS,
 }
+#: the model cases of the suite: ``models.TASK_CASES`` and the LoRA target kinds of issue 18 (``kind_models``)
+CONFORMANCE_CASES: list[TaskCase] = [*TASK_CASES, *KIND_CASES]
 
 
 def case_kinds(case: TaskCase) -> frozenset[str]:
@@ -96,20 +101,38 @@ def case_kinds(case: TaskCase) -> frozenset[str]:
 
 
 def supports(spec: MethodSpec, case: TaskCase) -> bool:
-    """Can ``spec`` wrap every target module of ``case`` (``MethodSpec.supported_kinds``)?"""
-    return spec.supported_kinds is None or case_kinds(case) <= set(spec.supported_kinds)
+    """Can ``spec`` wrap every target module of ``case`` (``MethodSpec.supported_kinds``; a ``"parameter"`` case
+    needs ``MethodSpec.parameter_options``)?"""
+    kinds = case_kinds(case)
+    if "parameter" in kinds:
+        return spec.parameter_options is not None
+    return spec.supported_kinds is None or kinds <= set(spec.supported_kinds)
+
+
+def refused_field(mc: MethodConfig, case: TaskCase) -> str | None:
+    """The config field the reference refuses for this case (e.g. DoRA on a grouped conv), or None."""
+    rule = REFUSED.get(case.name)
+    return rule(mc.kwargs) if rule is not None else None
+
+
+def can_merge(mc: MethodConfig, case: TaskCase) -> bool:
+    """The method merges and the case's layers can be merged (not a grouped convolution)."""
+    return mc.spec.mergeable and case.name not in UNMERGEABLE
 
 
 def _product(configs: list[MethodConfig], cases: Iterable[TaskCase]) -> list[Any]:
     cases = list(cases)
     return [pytest.param(mc, case, id=f"{mc.id}-{case.name}") for mc in configs for case in cases
-            if supports(mc.spec, case)]
+            if supports(mc.spec, case) and refused_field(mc, case) is None]
 
 
 #: every example config of every method x every model case (cheap properties)
-ALL = _product(ALL_CONFIGS, TASK_CASES)
+ALL = _product(ALL_CONFIGS, CONFORMANCE_CASES)
 #: the first example config of every method x every model case (expensive properties)
-FIRST = _product(FIRST_CONFIGS, TASK_CASES)
+FIRST = _product(FIRST_CONFIGS, CONFORMANCE_CASES)
+#: the (config, case) pairs the reference refuses: they must raise a ConfigError naming the field
+REFUSED_PARAMS = [pytest.param(mc, case, id=f"{mc.id}-{case.name}") for mc in ALL_CONFIGS
+                  for case in CONFORMANCE_CASES if supports(mc.spec, case) and refused_field(mc, case) is not None]
 
 
 def config_has_field(spec: MethodSpec, name: str) -> bool:
@@ -261,5 +284,5 @@ def adapter_param_names(model: nn.Module, adapter: str, prefix: str) -> list[str
 
 
 def mergeable(params: list[Any]) -> list[Any]:
-    """The subset of ``ALL`` / ``FIRST`` params whose method can merge."""
-    return [p for p in params if p.values[0].spec.mergeable]
+    """The subset of ``ALL`` / ``FIRST`` params whose method can merge on that case (:func:`can_merge`)."""
+    return [p for p in params if can_merge(*p.values)]

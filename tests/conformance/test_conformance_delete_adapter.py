@@ -16,16 +16,20 @@ from conformance_helpers import (
     add_adapter,
     config_has_field,
     output,
+    refused_field,
     supports,
     wrap,
 )
+from kind_models import KIND_CASES
 from models import TASK_CASES, TaskCase
 from torch import nn
 
-#: one case per module kind: linear, embedding, conv, GPT-2 Conv1D
+#: one case per module kind: linear, embedding, conv, GPT-2 Conv1D, and the kinds of issue 18 (grouped conv,
+#: MultiheadAttention, parameters)
 CASES = [c for c in TASK_CASES if c.name in ("custom-mlp", "custom-emb", "custom-conv2d", "gpt2-causal")]
+CASES += KIND_CASES
 PARAMS = [pytest.param(mc, case, id=f"{mc.id}-{case.name}") for mc in ALL_CONFIGS for case in CASES
-          if supports(mc.spec, case)]
+          if supports(mc.spec, case) and refused_field(mc, case) is None]
 
 
 #: the dict attributes every ``nn.Module`` has (parameters, buffers, hooks, ...): not per-adapter containers

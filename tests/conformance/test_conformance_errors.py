@@ -13,11 +13,13 @@ import torch
 from conformance_helpers import (
     FIRST,
     METHODS,
+    REFUSED_PARAMS,
     MethodConfig,
     add_adapter,
     assert_unchanged,
     base_model,
     config_has_field,
+    refused_field,
     snapshot,
     wrap,
 )
@@ -58,11 +60,24 @@ def test_invalid_config_value_raises_config_error(spec, field: str, value: objec
     assert field in message and repr(value) in message and hint in message and "allowed" in message
 
 
+@pytest.mark.parametrize("mc, case", REFUSED_PARAMS)
+def test_option_refused_for_the_target_kind_raises(mc: MethodConfig, case: TaskCase) -> None:
+    """Options the reference refuses for a target kind (DoRA on grouped convolutions and MultiheadAttention, dropout
+    and DoRA on parameters; ``kind_models.REFUSED``) raise a ConfigError (ValueError) naming the field; the model is
+    unchanged."""
+    model = base_model(case)
+    before = snapshot(model, case)
+    with pytest.raises(ConfigError) as info:
+        get_peft_model(model, mc.config(case))
+    assert isinstance(info.value, ValueError) and info.value.field == refused_field(mc, case)
+    assert_unchanged(model, case, before)
+
+
 def _typo(name: str) -> str:
     return name + name[-1]  # "q_proj" -> "q_projj"
 
 
-@pytest.mark.parametrize("mc, case", FIRST)
+@pytest.mark.parametrize("mc, case", [p for p in FIRST if p.values[1].target_modules])  # not the parameter case
 def test_unmatched_target_names_closest_module(mc: MethodConfig, case: TaskCase) -> None:
     real = case.target_modules[0]
     typo = _typo(real)

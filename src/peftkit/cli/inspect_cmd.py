@@ -112,6 +112,25 @@ def _strength(params: dict[str, torch.Tensor], scale: float) -> tuple[list[int],
 
 
 # ---------------------------------------------------------------------------------------------------- files
+def _token_rows(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, list[int]], dict[str, torch.Tensor]]:
+    """``({module: [rows, dim]}, other tensors)``: the trainable token rows hold the new rows themselves, not a change
+    of the base rows, so no strength can be measured from the file alone; they are reported by size only."""
+    from ..methods.lora.tokens import TOKEN_ADAPTER
+    from ..methods.trainable_tokens.layers import TrainableTokensLayer
+
+    (row_name,) = TrainableTokensLayer.adapter_layer_names  # the rows' key (TrainableTokens, LoRA's token rows)
+    rows: dict[str, list[int]] = {}
+    others: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        parts = key.removeprefix("base_model.model.").split(".")
+        if parts[-1] != row_name:
+            others[key] = tensor
+            continue
+        module = parts[:-2] if len(parts) > 1 and parts[-2] + "." == TOKEN_ADAPTER else parts[:-1]
+        rows[".".join(module)] = list(tensor.shape)
+    return rows, others
+
+
 def _group(tensors: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
     """``{module: {param: tensor}}`` for keys with a component starting with ``prefix``; the other tensors apart."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
@@ -160,7 +179,8 @@ def inspect_adapter(directory: str) -> dict[str, Any]:
     config = read_json(path / "adapter_config.json")
     tensors = load_peft_weights(str(path))
     spec = get_method(config.get("peft_type", "?"))
-    groups, others = _group(tensors, spec.prefix) if spec.kind == "adapter" else ({}, dict(tensors))
+    token_rows, rest = _token_rows(tensors)
+    groups, others = _group(rest, spec.prefix) if spec.kind == "adapter" else ({}, dict(rest))
     layers = []
     for module, params in sorted(groups.items(), key=lambda kv: _natural_key(kv[0])):
         params = {k.removesuffix(".weight"): v for k, v in params.items()}
@@ -176,7 +196,8 @@ def inspect_adapter(directory: str) -> dict[str, Any]:
         "target_modules": config.get("target_modules"), "r": config.get("r"),
         "num_virtual_tokens": config.get("num_virtual_tokens"),
         "rank_pattern": config.get("rank_pattern") or {}, "modules_to_save": config.get("modules_to_save"),
-        "adapted_modules": len(layers), "parameters": sum(t.numel() for t in tensors.values()),
+        "adapted_modules": len(layers), "token_rows": token_rows,
+        "parameters": sum(t.numel() for t in tensors.values()),
         "other_parameters": sum(t.numel() for t in others.values()),
         "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
         "file_bytes": files, "layers": [asdict(layer) for layer in layers],
@@ -216,6 +237,8 @@ def format_report(info: dict[str, Any]) -> str:
         "files:          " + ", ".join(f"{k} {v:,d} bytes" for k, v in info["file_bytes"].items())
         + f"  (dtype {', '.join(info['dtypes'])}; {size / 2**20:.2f} MiB)",
         f"adapted layers: {info['adapted_modules']}",
+        *(["token rows:     " + ", ".join(f"{m} {'x'.join(map(str, s))}" for m, s in info["token_rows"].items())
+           + "  (new rows, not a change: not measured)"] if info.get("token_rows") else []),
         "",
     ]
     if info["layers"]:
@@ -246,7 +269,8 @@ def plot(info: dict[str, Any], path: str) -> None:
         raise CliError("--plot needs matplotlib, which is not installed; pip install 'peftkit[plot]'") from None
     layers = info["layers"]
     if not layers:
-        raise CliError("--plot: the adapter has no adapted layers to draw (prompt-learning methods have none)")
+        raise CliError("--plot: the adapter has no adapted layers to draw (prompt-learning methods have none; "
+                       "trainable token rows are not drawn)")
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     for kind in info["by_module_type"]:
         points = [(layer["layer"] if layer["layer"] is not None else i, layer["norm"])

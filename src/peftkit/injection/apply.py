@@ -206,6 +206,8 @@ def apply_plan(
             else:
                 set_submodule(model, name, ModulesToSaveWrapper(module, plan.adapter_name))
                 applied.replaced[name] = module
+        if method.extra_layers is not None:  # e.g. LoRA's trainable_token_indices
+            method.extra_layers(model, config, plan.adapter_name, applied, autocast_adapter_dtype)
     except BaseException:
         rollback(model, applied)
         raise
@@ -217,8 +219,18 @@ def rollback(model: nn.Module, applied: AppliedPlan) -> None:
     for name in applied.touched:
         if name in applied.replaced:
             continue
-        module = model.get_submodule(name)
-        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)) and module.has_adapter(applied.adapter_name):
-            module.delete_adapter(applied.adapter_name)
+        # the layers nested in a touched one too (LoRA's chain of parameter layers, MHA's out_proj)
+        for module in model.get_submodule(name).modules():
+            if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)) and module.has_adapter(applied.adapter_name):
+                module.delete_adapter(applied.adapter_name)
     for name, original in applied.replaced.items():
+        _unwrap_down_to(model.get_submodule(name), original)
         set_submodule(model, name, original)
+
+
+def _unwrap_down_to(module: nn.Module, original: nn.Module) -> None:
+    """Unwrap the layers nested at one name down to ``original``, so that layers which also wrap modules inside
+    their base (MHA's ``out_proj``) put those back (``unwrap_base``)."""
+    while module is not original and isinstance(module, AdapterLayer):
+        unwrap = getattr(type(module), "unwrap_base", None)
+        module = unwrap(module) if unwrap else module.get_base_layer()

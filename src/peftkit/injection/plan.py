@@ -84,13 +84,18 @@ def plan_injection(
     adapter_name: str,
     method: MethodSpec,
     task_heads: Sequence[str] = (),
+    nest_methods: bool = False,
 ) -> InjectionPlan:
     """Resolve ``config`` against ``model`` into an :class:`InjectionPlan`. Pure: the model is not modified.
+
+    ``nest_methods`` (mixed models): a target that already is an adapter layer of another method gets wrapped by
+    this method's layer; otherwise it is refused.
 
     Raises:
         NoMatchingPeftModuleError: no module matches ``target_modules`` (the message lists the closest names), or
             every match was excluded, or a ``modules_to_save`` entry matches nothing.
-        UnsupportedModuleError: a matched module has a type the method has no layer for.
+        UnsupportedModuleError: a matched module has a type the method has no layer for, or (without
+            ``nest_methods``) already is an adapter layer of another method.
     """
     method.check_config(config, model)
     config_fields = method.resolve_config(config, model) if method.resolve_config is not None else {}
@@ -113,6 +118,7 @@ def plan_injection(
             other_layers += 1
             continue
         _refuse_unreachable(model, name, module)
+        _refuse_other_method(name, module, method, nest_methods)
         layers.append(LayerPlan(name, method.layer_options(name, module, config)))
         planned.append((name, module))
     parameter_layers = _plan_parameters(modules, config, method, {layer.name for layer in layers})
@@ -127,7 +133,8 @@ def plan_injection(
     if method.check_plan is not None:
         method.check_plan(config, planned)
     saved = _resolve_modules_to_save(modules, save_entries, task_heads)
-    if not method.handles_tied_embeddings:
+    handles_tied = method.handles_tied_embeddings
+    if not (handles_tied(config) if callable(handles_tied) else handles_tied):
         _warn_tied_embeddings(model, planned, [(n, m) for n, m in modules if n in saved])
     return InjectionPlan(
         adapter_name=adapter_name,
@@ -243,6 +250,18 @@ def _unreachable(model: nn.Module, name: str, module: nn.Module) -> str | None:
     if name.rsplit(".", 1)[-1] in DIRECT_WEIGHT_MODULES.get(model_type or "", ()):
         return f"model_type={model_type!r} reads its weight directly (weight @ x) without calling the module"
     return None
+
+
+def _refuse_other_method(name: str, module: nn.Module, method: MethodSpec, nest_methods: bool) -> None:
+    """Raise :class:`UnsupportedModuleError` when ``module`` already is an adapter layer of a method other than
+    ``method`` (not of its ``MethodSpec.layer_cls``), unless ``nest_methods`` (a mixed model: the new layer wraps it,
+    as the reference's ``MixedModel`` does)."""
+    own = method.layer_cls
+    if nest_methods or own is None or not isinstance(module, AdapterLayer) or isinstance(module, own):
+        return
+    raise UnsupportedModuleError(f"module {name!r} already holds adapters of another method "
+                                 f"({type(module).__name__}); adapters of different types share a model only in a "
+                                 "PeftMixedModel (get_peft_model(..., mixed=True))")
 
 
 def _refuse_unreachable(model: nn.Module, name: str, module: nn.Module) -> None:

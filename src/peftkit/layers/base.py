@@ -208,6 +208,11 @@ class AdapterLayer(AdapterState, nn.Module):
         """Update of the base bias (None when the adapter does not change it)."""
         return None
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether ``convert_to_lora`` can express adapter ``adapter_name`` of this layer as a LoRA: its effect
+        must be ``W + get_delta_weight(adapter_name)`` on a 2-d weight. False unless a layer class says so."""
+        return False
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the deltas of ``adapter_names`` (default: the active adapters) into the base weights.
 

@@ -36,7 +36,7 @@ class ModulesToSaveWrapper(AdapterState, nn.Module):
     under the original module's path (``classifier.weight``), as the reference does.
     """
 
-    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+    def __init__(self, module_to_save: nn.Module, adapter_name: str, copy_: nn.Module | None = None) -> None:
         check_module_to_save(module_to_save)
         super().__init__()
         self.original_module = module_to_save
@@ -44,12 +44,13 @@ class ModulesToSaveWrapper(AdapterState, nn.Module):
         self._active_adapter: list[str] = [adapter_name]
         self._disable_adapters = False
         self._row_adapters: tuple[str, ...] | None = None  # per-row adapter names during a mixed batch
-        self.update(adapter_name)
+        self.update(adapter_name, copy_)
 
     # ------------------------------------------------------------------ adapters
-    def update(self, adapter_name: str) -> None:
-        """Create the copy for ``adapter_name`` (trainable)."""
-        copied = copy.deepcopy(self.original_module)
+    def update(self, adapter_name: str, copy_: nn.Module | None = None) -> None:
+        """Create the copy for ``adapter_name`` (trainable); ``copy_``: use that module instead of a deep copy of the
+        original (e.g. one sharing a tied weight with another copy, as the reference's ``tied_module``)."""
+        copied = copy.deepcopy(self.original_module) if copy_ is None else copy_
         for param in copied.parameters():
             param.requires_grad_(True)
         self.modules_to_save[adapter_name] = copied

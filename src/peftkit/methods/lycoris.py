@@ -88,8 +88,6 @@ def lycoris_layer_options(method: str, layer_cls: type[AdapterLayer]):
                 f"target module {name!r} is a {type(base).__name__}; {method} supports nn.Linear, nn.Conv1d and "
                 "nn.Conv2d. Adjust target_modules."
             )
-        if hasattr(module, "adapter_layer_names") and not isinstance(module, layer_cls):
-            raise UnsupportedModuleError(f"module {name!r} already holds adapters of another method")
         return {
             "kind": kind,
             "r": pattern_value(config.rank_pattern, name, config.r),  # type: ignore[attr-defined]
@@ -171,6 +169,10 @@ class LycorisLayer(AdapterLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """Dense ``ΔW`` of ``adapter_name`` (base weight shape ``(out, in)`` or ``(out, in, *kernel)``)."""
         return self._delta(adapter_name)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """On ``nn.Linear`` only, as the reference (its LoHa/LoKr ``Linear`` classes say yes, the conv ones no)."""
+        return module_kind(self.get_base_layer()) == LINEAR
 
     def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``x`` through the base layer's operation with weight ``weight`` and no bias.

@@ -72,13 +72,29 @@ def _adapter_entries(model: nn.Module, adapter_name: str) -> list[_Entry]:
             for saved, (mem, tensor) in module.adapter_state(adapter_name).items():
                 result[saved] = _entry(saved, path, clean, mem, tensor)
         elif isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
-            for saved, (mem, tensor) in module.adapter_state(adapter_name).items():
+            for saved, (mem, tensor) in _held_adapter_state(module, adapter_name).items():
                 result[saved_path + saved] = _entry(saved_path + saved, path, clean, mem, tensor)
     if bias == "all" or (bias != "none" and bias.endswith("_only")):
         for path, clean, name, tensor in _bias_entries(model, only_adapted=bias != "all", adapter_name=adapter_name):
             key = _alias(_join(clean, name), aliases)
             result.setdefault(key, _entry(key, path, clean, name, tensor))
     return list(result.values())
+
+
+def _held_adapter_state(module: nn.Module, adapter_name: str) -> dict[str, tuple[str, torch.Tensor]]:
+    """``module.adapter_state(adapter_name)`` (keys relative to ``module``), looking through the ``base_layer`` chain
+    of adapter layers of different methods nested on one module (a mixed model: each method's layer wraps the
+    previous one): the state of the first layer of the chain that holds the adapter, with in-memory keys through
+    the chain (``base_layer.lora_A.<name>.weight``) and checkpoint keys as the adapter alone on the module has them
+    (``lora_A.weight``), so that each adapter of a mixed model saves and loads as an ordinary one. A layer's own
+    nesting (LoRA's layers on several parameters of a module) is its ``adapter_state``'s business."""
+    layer, depth = module, ""
+    while (isinstance(layer, AdapterLayer) and isinstance(layer.base_layer, AdapterLayer)
+           and not layer.has_adapter(adapter_name)):
+        layer, depth = layer.base_layer, depth + "base_layer."
+    if not depth:
+        return module.adapter_state(adapter_name)
+    return {saved: (depth + mem, tensor) for saved, (mem, tensor) in layer.adapter_state(adapter_name).items()}
 
 
 def _prefixed_modules(
@@ -156,16 +172,24 @@ def _bias_entries(
         if isinstance(module, AdapterLayer):
             if only_adapted and not module.has_adapter(adapter_name):
                 continue
-            base_path = _base_layer_path(module)
-            base = module.get_base_layer()
-            for sub_path, sub_clean, sub in checkpoint_modules(base):
-                bias = sub._parameters.get("bias")
-                if bias is not None:
-                    yield _join(_join(path, base_path), sub_path), _join(_join(clean, base_path), sub_clean), "bias", bias
+            yield from _base_biases(module, path, clean)
         elif not only_adapted and not isinstance(module, (PromptEncoderDict, ModulesToSaveWrapper)):
             bias = module._parameters.get("bias")
             if bias is not None:
                 yield path, clean, "bias", bias
+
+
+def _base_biases(layer: AdapterLayer, path: str, clean: str) -> Iterator[tuple[str, str, str, torch.Tensor]]:
+    """The biases in the base module of adapter layer ``layer`` (at ``path`` / ``clean``), looking into adapter
+    layers nested inside that base (``MultiheadAttention``'s LoRA ``out_proj``: ``attn.base_layer.out_proj.
+    base_layer.bias``, as the reference saves it)."""
+    base_path = _base_layer_path(layer)
+    for sub_path, sub_clean, sub in checkpoint_modules(layer.get_base_layer()):
+        sub_mem, sub_saved = _join(_join(path, base_path), sub_path), _join(_join(clean, base_path), sub_clean)
+        if sub_path and isinstance(sub, AdapterLayer):
+            yield from _base_biases(sub, sub_mem, sub_saved)
+        elif (bias := sub._parameters.get("bias")) is not None:
+            yield sub_mem, sub_saved, "bias", bias
 
 
 def _base_bias_map(model: nn.Module, adapter_name: str) -> TensorMap:

@@ -34,8 +34,6 @@ def _layer_options(name: str, module: nn.Module, config: PeftConfig) -> dict[str
             f"target module {name!r} is a {type(base).__name__}; AdaLoRA supports nn.Linear, transformers' Conv1D "
             "and nn.Conv1d/2d/3d with groups=1. Adjust target_modules."
         )
-    if hasattr(module, "adapter_layer_names") and not isinstance(module, SVDLayer):
-        raise UnsupportedModuleError(f"module {name!r} already holds adapters of another method")
     return {"kind": kind, "r": config.init_r, "lora_alpha": config.lora_alpha, "fan_in_fan_out": kind == HF_CONV1D}
 
 
@@ -87,6 +85,8 @@ ADALORA = register_method(
         prepare_load=prepare_load,
         pattern_fields=("alpha_pattern",),  # rank_pattern: surviving-rank masks keyed "<module>.lora_E"
         rank_field="init_r",
+        mixed_compatible=True,
+        layer_cls=SVDLayer,
     )
 )
 

@@ -37,8 +37,6 @@ def _layer_options(name: str, module: nn.Module, config: PeftConfig) -> dict[str
             f"target module {name!r} is a {type(module).__name__}; IA3 supports nn.Linear, nn.Conv1d/2d/3d and "
             "transformers' Conv1D. Adjust target_modules."
         )
-    if hasattr(module, "adapter_layer_names") and not isinstance(module, IA3Layer):
-        raise UnsupportedModuleError(f"module {name!r} already holds adapters of another method")
     return {"kind": kind, "is_feedforward": _is_feedforward(name, config.feedforward_modules),
             "fan_in_fan_out": kind == HF_CONV1D}
 
@@ -89,6 +87,7 @@ IA3 = register_method(
         combine=add_weighted_adapter,
         resolve_config=_resolve_config,
         supported_kinds=(LINEAR, QUANT_LINEAR, HF_CONV1D, CONV),
+        layer_cls=IA3Layer,  # not mixed_compatible: the reference's PeftMixedModel refuses IA3
         additive=False,
     )
 )

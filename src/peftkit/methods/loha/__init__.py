@@ -26,6 +26,8 @@ LOHA = register_method(
         ),
         non_identity_kwargs={"init_weights": False, "alpha": 64},  # Hadamard products start tiny
         supported_kinds=LYCORIS_KINDS,
+        mixed_compatible=True,
+        layer_cls=LoHaLayer,
     )
 )
 

@@ -27,6 +27,8 @@ LOKR = register_method(
         ),
         non_identity_kwargs={"init_weights": False},
         supported_kinds=LYCORIS_KINDS,
+        mixed_compatible=True,
+        layer_cls=LoKrLayer,
     )
 )
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -18,21 +18,21 @@ from ...target_tables import default_lora_targets
 from ...types import PeftType
 from .combine import add_weighted_adapter
 from .config import LoraConfig
-from .convert import convert_to_lora
+from .convert import convert_initial_weights
 from .init import SUPPORTED_INITS, is_supported_init, uses_base_weight
 from .layers import Conv, Embedding, Linear, LoraLayer
 from .mha import MultiheadAttention, check_mha
 from .moe import convert_moe_targets, convert_v4_checkpoint
 from .param import ParamLayer
 from .quantized import QuantLinear
+from .replication import check_merge, prepare_model
+from .tokens import add_token_layers, check_trainable_tokens
 
 _LAYER_CLASSES: dict[str, type[LoraLayer]] = {LINEAR: Linear, HF_CONV1D: Linear, EMBEDDING: Embedding, CONV: Conv,
                                               QUANT_LINEAR: QuantLinear, MHA: MultiheadAttention}
 
 #: config fields peftkit accepts (for file compatibility) but does not implement yet, with their inert values
 _NOT_YET: dict[str, tuple[object, ...]] = {
-    "trainable_token_indices": (None,),
-    "layer_replication": (None,),
     "alora_invocation_tokens": (None,),
     "use_qalora": (False,),
     "megatron_config": (None,),
@@ -44,13 +44,15 @@ _NOT_YET: dict[str, tuple[object, ...]] = {
     "arrow_config": (None,),
     "kasa_config": (None,),
     "use_bdlora": (None, False),
-    "ensure_weight_tying": (False,),
 }
 
 
 def _layer_options(name: str, module: nn.Module, config: PeftConfig) -> dict[str, Any]:
     """Per-layer facts: the layer kind, rank and alpha after the patterns, and ``fan_in_fan_out`` (detected)."""
     assert isinstance(config, LoraConfig)
+    custom = _custom_layer(module, config)
+    if custom is not None:
+        return _custom_options(name, module, custom, config)
     kind = module_kind(module)
     if kind is None:
         raise UnsupportedModuleError(
@@ -63,8 +65,6 @@ def _layer_options(name: str, module: nn.Module, config: PeftConfig) -> dict[str
         _check_grouped_conv(name, base.groups, r, config)
     if kind == MHA:
         check_mha(name, base, config)
-    if isinstance(module, nn.Module) and hasattr(module, "adapter_layer_names") and not isinstance(module, LoraLayer):
-        raise UnsupportedModuleError(f"module {name!r} already holds adapters of another method")
     if uses_base_weight(config.init_lora_weights) and kind not in (LINEAR, HF_CONV1D):
         raise ConfigError("init_lora_weights", config.init_lora_weights,
                           f"PiSSA/OLoRA initialise nn.Linear and Conv1D layers only; target {name!r} is a "
@@ -124,10 +124,60 @@ def _create_layer(
         outer = module if existing is not None else ParamLayer(module, options["parameter_name"])
         _update(existing or outer, options, config, adapter_name, dtype)
         return outer
-    layer = module if isinstance(module, LoraLayer) else _LAYER_CLASSES[options["kind"]](
-        module, fan_in_fan_out=options["fan_in_fan_out"]
-    )
-    _update(layer, options, config, adapter_name, dtype)
+    if options["kind"] == CUSTOM and not isinstance(module, LoraLayer):
+        return _create_custom(module, options, config, adapter_name, dtype)
+    if isinstance(module, LoraLayer):
+        _update(module, options, config, adapter_name, dtype)
+        return module
+    layer = _LAYER_CLASSES[options["kind"]](module, fan_in_fan_out=options["fan_in_fan_out"])
+    try:
+        _update(layer, options, config, adapter_name, dtype)
+    except BaseException:
+        unwrap = getattr(type(layer), "unwrap_base", None)  # puts back modules nested in the base (MHA's out_proj)
+        if unwrap is not None:
+            unwrap(layer)
+        raise
+    return layer
+
+
+#: the layer kind of a module wrapped by a user's class (``LoraConfig._register_custom_module``)
+CUSTOM = "custom"
+
+
+def _custom_layer(module: nn.Module, config: LoraConfig) -> Callable[..., Any] | None:
+    """The class registered for ``module``'s base layer type (the first matching key), or None, as the reference's
+    dynamic dispatch (checked before every built-in kind)."""
+    mapping = getattr(config, "_custom_modules", None)
+    if not mapping:
+        return None
+    base = _base(module)
+    return next((cls for key, cls in mapping.items() if isinstance(base, key)), None)
+
+
+def _custom_options(name: str, module: nn.Module, custom: Callable[..., Any], config: LoraConfig) -> dict[str, Any]:
+    """Options of a module wrapped by a user's class: the built-in layers' checks are theirs to make."""
+    return {"kind": CUSTOM, "custom_cls": custom, "target_name": name,
+            "r": pattern_value(config.rank_pattern, name, config.r),
+            "lora_alpha": pattern_value(config.alpha_pattern, name, config.lora_alpha),
+            "fan_in_fan_out": config.fan_in_fan_out}
+
+
+def _create_custom(module: nn.Module, options: dict[str, Any], config: LoraConfig, adapter_name: str,
+                   dtype: torch.dtype) -> LoraLayer:
+    """Wrap ``module`` in the user's class: a peftkit ``LoraLayer`` subclass is built as the built-in layers are;
+    any other callable is called the reference's way and must return a ``LoraLayer`` holding the adapter."""
+    custom = options["custom_cls"]
+    if isinstance(custom, type) and issubclass(custom, LoraLayer):
+        layer = custom(module, fan_in_fan_out=options["fan_in_fan_out"])
+        _update(layer, options, config, adapter_name, dtype)
+        return layer
+    layer = custom(module, adapter_name, config=config, r=options["r"], lora_alpha=options["lora_alpha"],
+                   target_name=options["target_name"])
+    if not isinstance(layer, LoraLayer) or adapter_name not in layer.r:
+        raise TypeError(f"the custom LoRA layer registered for {type(_base(module)).__name__} ({custom!r}) returned "
+                        f"a {type(layer).__name__} for target {options['target_name']!r}; allowed: a peftkit "
+                        f"LoraLayer holding the adapter {adapter_name!r} (subclass peftkit.methods.lora.layers."
+                        "Linear, or call update_layer in the factory)")
     return layer
 
 
@@ -156,6 +206,7 @@ def _check_config(config: PeftConfig, model: nn.Module) -> None:
     if not is_supported_init(config.init_lora_weights):
         raise ConfigError("init_lora_weights", config.init_lora_weights,
                           f"peftkit implements {list(SUPPORTED_INITS)} so far")
+    check_trainable_tokens(config, model)  # trainable_token_indices / ensure_weight_tying against the model
 
 
 def _check_plan(config: PeftConfig, planned: Sequence[tuple[str, nn.Module]]) -> None:
@@ -198,11 +249,17 @@ LORA = register_method(
         ),
         non_identity_kwargs={"init_lora_weights": False},
         combine=add_weighted_adapter,
-        convert_for_save=convert_to_lora,
+        mixed_compatible=True,
+        layer_cls=LoraLayer,
+        convert_for_save=convert_initial_weights,
         init_changes_base=lambda config: uses_base_weight(getattr(config, "init_lora_weights", True)),
         parameter_options=_parameter_options,
         resolve_config=convert_moe_targets,
         convert_checkpoint=convert_v4_checkpoint,
+        prepare_model=prepare_model,
+        check_merge=check_merge,
+        extra_layers=add_token_layers,
+        handles_tied_embeddings=lambda config: bool(getattr(config, "ensure_weight_tying", False)),
         init_allocates=lambda config: (uses_base_weight(getattr(config, "init_lora_weights", True))
                                        or bool(getattr(config, "use_dora", False))),
     )

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from ...config import PeftConfig, as_set, check, is_int, is_number
-from ...errors import PeftWarning
+from ...errors import ConfigTypeError, PeftWarning
 from ...types import PeftType
 
 #: ``init_lora_weights`` values the reference accepts (``pissa_niter_<k>`` too).
@@ -17,6 +18,18 @@ INIT_CHOICES = (True, False, "gaussian", "eva", "olora", "pissa", "corda", "loft
 #: compared as written (``"PiSSA"`` fails there too)
 CASE_INSENSITIVE_INITS = ("gaussian", "olora", "mica")
 BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoraRuntimeConfig:
+    """Runtime-only options of a LoRA adapter (the reference's class; never saved in ``adapter_config.json``).
+
+    Args:
+        ephemeral_gpu_offload: in the reference, copy CPU-offloaded data to the GPU for DoRA's initialisation. A speed
+            hint only: peftkit accepts it and computes in place (the result is the same).
+    """
+
+    ephemeral_gpu_offload: bool = False
 
 
 @dataclass
@@ -63,6 +76,7 @@ class LoraConfig(PeftConfig):
     use_qalora: bool = False
     qalora_group_size: int = 16
     layer_replication: list[tuple[int, int]] | None = None
+    runtime_config: LoraRuntimeConfig = field(default_factory=LoraRuntimeConfig)
     lora_bias: bool = False
     target_parameters: list[str] | None = None
     ensure_weight_tying: bool = False
@@ -76,9 +90,36 @@ class LoraConfig(PeftConfig):
             self.rank_pattern = {}
         if self.alpha_pattern is None:
             self.alpha_pattern = {}
+        if not isinstance(self.runtime_config, LoraRuntimeConfig):
+            raise ConfigTypeError("runtime_config", self.runtime_config, "allowed: a LoraRuntimeConfig")
         self._validate_lora()
         _warn_rslora_patterns_with_weight_init(self)
         _warn_ignored_init_configs(self)
+        #: ``{module type: custom LoRA layer class}`` from :meth:`_register_custom_module`; not a field, so never
+        #: serialised (as the reference)
+        self._custom_modules: dict[type, Callable[..., Any]] | None = None
+
+    def _register_custom_module(self, mapping: dict[type, Callable[..., Any]]) -> None:
+        """Experimental API (the reference's): LoRA layers for module types peftkit has none for, or to override
+        the built-in one. ``mapping`` maps a module type to a custom LoRA layer; a targeted module whose base layer
+        is an instance of a key is wrapped by its value (checked before the built-in kinds; the first matching key
+        wins). Mappings accumulate over calls (``dict.update``) and are not saved: register them again on the
+        config passed to ``PeftModel.from_pretrained(..., config=...)``.
+
+        The value is either a subclass of peftkit's ``LoraLayer`` (e.g. ``class MyLora(peftkit.methods.lora.layers.
+        Linear)``), built as peftkit's layers are (``cls(base_layer, fan_in_fan_out=...)``, then ``update_layer``),
+        or any other callable, called the reference's way ``cls(target, adapter_name, config=config, r=...,
+        lora_alpha=..., target_name=...)``, which must return a peftkit ``LoraLayer`` holding ``adapter_name``."""
+        if self._custom_modules is None:
+            self._custom_modules = {}
+        self._custom_modules.update(mapping)
+
+    def copy(self, **changes: Any) -> Self:
+        """As :meth:`PeftConfig.copy`; the copy keeps the custom module mapping (it is not a field)."""
+        new = super().copy(**changes)
+        if self._custom_modules is not None:
+            new._custom_modules = dict(self._custom_modules)
+        return new
 
     def _validate_lora(self) -> None:
         check(is_int(self.r) and self.r >= 1, "r", self.r, "allowed: an int >= 1")
@@ -102,6 +143,7 @@ class LoraConfig(PeftConfig):
             "modules_to_save", self.modules_to_save, "allowed: None or a list of module names",
         )
         self._validate_layers()
+        _check_layer_replication(self.layer_replication)
         for key, rank in self.rank_pattern.items():
             check(is_int(rank) and rank >= 1, f"rank_pattern[{key!r}]", rank, "allowed: an int >= 1")
         for key, alpha in self.alpha_pattern.items():
@@ -114,6 +156,7 @@ class LoraConfig(PeftConfig):
               "allowed: None or a list of parameter names (not a str)")
         check(not (self.init_lora_weights == "loftq" and not self.loftq_config), "loftq_config", self.loftq_config,
               "init_lora_weights='loftq' requires a loftq_config")
+        _check_trainable_token_indices(self.trainable_token_indices)
 
     def _validate_layers(self) -> None:
         ltt = self.layers_to_transform
@@ -167,6 +210,45 @@ def _init_ok(value: object) -> bool:
         return True
     value = canonical_init(value)
     return isinstance(value, str) and (value in INIT_CHOICES or re.fullmatch(r"pissa_niter_\d+", value) is not None)
+
+
+def _check_layer_replication(value: object) -> None:
+    """``layer_replication``: None, or ``[[start, end], ...]`` ranges of layer indices with ``0 <= start < end``
+    (``[]`` replicates nothing, as in the reference). Whether ``end`` fits the model is checked at injection."""
+    if value is None:
+        return
+    allowed = "allowed: None or a list of [start, end) pairs of layer indices with 0 <= start < end, e.g. [[0, 4], [2, 5]]"
+    check(isinstance(value, (list, tuple)) and all(isinstance(pair, (list, tuple)) and len(pair) == 2
+                                                   for pair in value), "layer_replication", value, allowed)
+    if not all(is_int(index) for pair in value for index in pair):  # type: ignore[union-attr]
+        raise ConfigTypeError("layer_replication", value, allowed)
+    check(all(0 <= start < end for start, end in value), "layer_replication", value, allowed)  # type: ignore[union-attr]
+
+
+def _check_trainable_token_indices(value: object) -> None:
+    """``trainable_token_indices``: None, a list of token indices (rows of the input embedding), or a dict of module
+    name -> such a list (as the reference).
+
+    Raises:
+        ConfigTypeError: neither form, a key that is not a non-empty str, or indices that are not a list of ints.
+        ConfigError: an empty, negative or repeated index list.
+    """
+    from ..trainable_tokens.config import check_token_indices  # lazy: that module imports this one
+
+    name = "trainable_token_indices"
+    if value is None:
+        return
+    if isinstance(value, dict):
+        for key, indices in value.items():
+            if not isinstance(key, str) or not key:
+                raise ConfigTypeError(name, value, "allowed: a dict of module name (a non-empty str) -> list of "
+                                      "token indices, e.g. {'embed_tokens': [128000, 128001]}")
+            check_token_indices(f"{name}[{key!r}]", indices)
+        return
+    if not isinstance(value, (list, tuple)):
+        raise ConfigTypeError(name, value, "allowed: None, a list of int token indices (rows of the input "
+                              "embedding) or a dict of module name -> list of token indices")
+    check_token_indices(name, value)
 
 
 def _check_modules_field(name: str, value: object) -> None:

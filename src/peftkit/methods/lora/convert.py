@@ -19,8 +19,8 @@ from ...serialization.files import load_peft_weights
 from .config import LoraConfig
 
 
-def convert_to_lora(config: PeftConfig, tensors: dict[str, torch.Tensor], initial_path: str
-                    ) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+def convert_initial_weights(config: PeftConfig, tensors: dict[str, torch.Tensor], initial_path: str
+                            ) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
     """The config and tensors of the plain rank-``2r`` LoRA equivalent to the trained adapter ``tensors``
     (file keys), given the directory ``initial_path`` holding the same adapter saved right after its
     PiSSA/OLoRA initialisation. Tensors other than ``lora_A``/``lora_B`` (``modules_to_save``) are kept as is."""

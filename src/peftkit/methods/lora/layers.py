@@ -341,6 +341,12 @@ class Linear(LoraLayer):
         delta = delta.t() if self.fan_in_fan_out else delta
         return delta.to(self.get_base_layer().weight.dtype)
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """True for plain LoRA. A DoRA adapter (its magnitude rescales ``W + ΔW``) or one with ``lora_bias`` (it
+        changes the bias) is not ``W + get_delta_weight``; the reference converts them anyway, dropping the
+        magnitude / bias (README: deliberate differences)."""
+        return adapter_name not in self.lora_magnitude_vector and not self.lora_bias.get(adapter_name, False)
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``x: (..., in) -> (..., out)``: ``base(x) + scaling * B(A(dropout(x)))`` per active adapter (DoRA
         through :meth:`_dora_forward`).

@@ -45,6 +45,10 @@ class QuantLinear(Linear):
         """``scaling * B @ A``, ``(out, in)``, float32 (the quantized weight has no float dtype to cast to)."""
         return self._delta_product(adapter_name).float()
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """False, as the reference's quantized LoRA layers."""
+        return False
+
     def _merged_weight(self, name: str, dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(dense weight with adapter name merged, DoRA norm or None)``."""
         delta = self.get_delta_weight(name).detach().to(dense.device)

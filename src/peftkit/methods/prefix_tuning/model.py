@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...errors import ConfigError, ShapeMismatchError
 from ...layers.prompt import VirtualTokenEncoder
 from .config import PrefixTuningConfig
 
@@ -35,6 +36,19 @@ class PrefixEncoder(VirtualTokenEncoder):
             if config.init_weights == "zero":
                 nn.init.zeros_(self.embedding.weight)
 
-    def forward(self, indices: torch.Tensor) -> torch.Tensor:
-        embeds = self.embedding(indices)
+    def forward(self, prefix: torch.Tensor) -> torch.Tensor:
+        """``prefix: (B, nvt)`` token indices (the reference's parameter name) -> ``(B, nvt, num_layers * 2 * dim)``."""
+        embeds = self.embedding(prefix)
         return self.transform(embeds) if self.has_head else embeds
+
+    def load_prompt_embeddings(self, prompt_embeddings: torch.Tensor) -> None:
+        """Copy the flattened prefix ``prompt_embeddings: (nvt, num_layers * 2 * token_dim)`` (as saved) into
+        ``embedding``; impossible with a projection head (its inputs cannot be recovered), as the reference."""
+        if self.has_head:
+            raise ConfigError("prefix_projection", True, "flattened prompt embeddings cannot be loaded into an "
+                              "encoder with a projection head; allowed: prefix_projection=False (or inference_mode)")
+        if prompt_embeddings.shape != self.embedding.weight.shape:
+            raise ShapeMismatchError(f"prompt_embeddings has shape {tuple(prompt_embeddings.shape)}; allowed: "
+                                     f"{tuple(self.embedding.weight.shape)}")
+        with torch.no_grad():
+            self.embedding.weight.copy_(prompt_embeddings.to(self.embedding.weight.device))

@@ -146,7 +146,10 @@ class TrainableTokensLayer(AdapterLayer):
         if not names:
             return self.base_layer(x, *args, **kwargs)
         self._check_disjoint(list(names))
-        weight = self.get_merged_weights(names)
+        return self._forward_with(x, self.get_merged_weights(names))
+
+    def _forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's computation with ``weight: (num_embeddings, dim)`` in place of its own."""
         base = self.get_base_layer()
         if isinstance(base, nn.Embedding):
             result = F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type,
