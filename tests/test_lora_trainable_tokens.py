@@ -300,14 +300,14 @@ def test_low_cpu_mem_usage_load(tied: bool, tmp_path) -> None:
     torch.testing.assert_close(_logits(kit), _logits(ref.eval()), **TOL)
 
 
-def test_ensure_weight_tying_of_lora_layers_is_refused_not_ignored() -> None:
-    """The reference ties LoRA layers of tied embeddings; peftkit does not yet, and says so instead of leaving them
-    untied."""
-    base = _model(True)
-    with pytest.raises(ConfigError, match="ensure_weight_tying.*not implement"):
-        peftkit.get_peft_model(base, peftkit.LoraConfig(target_modules=["q_proj", "embed_tokens"],
-                                                        ensure_weight_tying=True))
-    assert type(base.lm_head) is nn.Linear and type(base.model.embed_tokens) is nn.Embedding
+def test_ensure_weight_tying_ties_lora_layers_of_tied_embeddings() -> None:
+    """The reference ties LoRA layers of tied embeddings, and so does peftkit (tests/test_lora_tied_targets.py): the
+    output head follows the input embedding's LoRA factors instead of being refused or left untied."""
+    from peftkit.methods.lora.tied import TiedLinear
+
+    model = peftkit.get_peft_model(_model(True), peftkit.LoraConfig(target_modules=["q_proj", "embed_tokens"],
+                                                                     ensure_weight_tying=True))
+    assert isinstance(model.base_model.model.lm_head, TiedLinear)
 
 
 # ------------------------------------------------------------------------------------------------ modules_to_save

@@ -300,6 +300,9 @@ def hotswap_adapter_from_state_dict(
         raise AdapterNotFoundError(adapter_name, configs)
     _check_config(configs[adapter_name], config, parameter_prefix)
     _check_not_merged(inner, adapter_name)
+    convert = get_method(str(config.peft_type)).convert_checkpoint  # as a load: e.g. LoRA's tied head keys
+    if convert is not None:
+        state_dict = convert(inner, state_dict, adapter_name)
     entries, aliases = _entries(inner, adapter_name)
     plan, lacking = _match(entries, aliases, state_dict, adapter_name, parameter_prefix)
     ranks, grown = _check_shapes(plan, config)

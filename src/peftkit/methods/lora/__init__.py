@@ -22,10 +22,10 @@ from .convert import convert_initial_weights
 from .init import SUPPORTED_INITS, is_supported_init, uses_base_weight
 from .layers import Conv, Embedding, Linear, LoraLayer
 from .mha import MultiheadAttention, check_mha
-from .moe import convert_moe_targets, convert_v4_checkpoint
 from .param import ParamLayer
 from .quantized import QuantLinear
 from .replication import check_merge, prepare_model
+from .tied import convert_checkpoint, export_tied_keys, resolve_config
 from .tokens import add_token_layers, check_trainable_tokens
 
 _LAYER_CLASSES: dict[str, type[LoraLayer]] = {LINEAR: Linear, HF_CONV1D: Linear, EMBEDDING: Embedding, CONV: Conv,
@@ -254,8 +254,9 @@ LORA = register_method(
         convert_for_save=convert_initial_weights,
         init_changes_base=lambda config: uses_base_weight(getattr(config, "init_lora_weights", True)),
         parameter_options=_parameter_options,
-        resolve_config=convert_moe_targets,
-        convert_checkpoint=convert_v4_checkpoint,
+        resolve_config=resolve_config,  # MoE conversion, then ensure_weight_tying's target_modules (tied.py)
+        convert_checkpoint=convert_checkpoint,  # MoE v4 keys, then the tied layers' keys (tied.py)
+        export_state=export_tied_keys,
         prepare_model=prepare_model,
         check_merge=check_merge,
         extra_layers=add_token_layers,

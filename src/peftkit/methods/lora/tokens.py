@@ -41,6 +41,7 @@ from ...layers.modules_to_save import ModulesToSaveWrapper
 from ..trainable_tokens import TrainableTokensLayer
 from ..trainable_tokens import _input_embedding_name as input_embedding_name
 from ..trainable_tokens import _ties_embeddings as ties_embeddings
+from .tied import bind_tied_layers, check_tied_targets
 
 FIELD = "trainable_token_indices"
 #: the reference's ``TrainableTokensWrapper`` child holding the rows: the checkpoint keys go through it
@@ -210,30 +211,16 @@ def check_trainable_tokens(config: PeftConfig, model: nn.Module) -> None:
     """Validate ``trainable_token_indices`` and ``ensure_weight_tying`` against ``model`` before anything is injected.
 
     ``ensure_weight_tying`` on a model that does not tie its embeddings warns (as the reference). On a tied model,
-    peftkit ties trainable token rows; tying LoRA layers or ``modules_to_save`` copies of the tied modules is not
-    implemented: :class:`ConfigError` instead of an adapter that silently leaves them untied.
+    peftkit ties trainable token rows, ``modules_to_save`` copies and LoRA layers (:mod:`.tied`) of the tied modules;
+    :func:`.tied.check_tied_targets` refuses the combinations it does not implement.
     """
     if getattr(config, "ensure_weight_tying", False):
         if not ties_embeddings(model):
             warnings.warn("ensure_weight_tying=True but the model does not tie its input and output embeddings "
                           "(tie_word_embeddings=False): there is nothing to tie", PeftWarning, stacklevel=6)
         else:
-            _refuse_untied_selection(config, model)
+            check_tied_targets(config, model)
     plan_token_layers(model, config)
-
-
-def _refuse_untied_selection(config: PeftConfig, model: nn.Module) -> None:
-    """Raise when ``target_modules`` selects a tied module (the input embedding or a module sharing its weight): the
-    reference ties such LoRA layers with ``ensure_weight_tying``, peftkit does not yet."""
-    modules = list(candidate_modules(model))
-    hits = [name for name in (input_embedding_name(model), *_tied_module_names(model, modules))
-            if name and matches(getattr(config, "target_modules", None), name)]
-    if hits:
-        raise ConfigError("ensure_weight_tying", True, f"target_modules selects {hits}, which share the tied "
-                          "input/output embedding weight; peftkit ties modules_to_save copies and "
-                          "trainable_token_indices rows of tied embeddings but does not implement tying LoRA layers "
-                          "on them yet; allowed: ensure_weight_tying=False (the LoRA layer then applies to the "
-                          "selected module only; peftkit warns), or modules_to_save / trainable_token_indices")
 
 
 def tie_saved_copies(model: nn.Module, config: PeftConfig, adapter_name: str, applied: AppliedPlan) -> None:
@@ -274,9 +261,10 @@ def _save_copy(model: nn.Module, name: str, module: nn.Module, adapter_name: str
 
 def add_token_layers(model: nn.Module, config: PeftConfig, adapter_name: str, applied: AppliedPlan,
                      autocast_adapter_dtype: bool = True) -> None:
-    """``MethodSpec.extra_layers`` of LoRA: tie ``modules_to_save`` copies of tied embeddings
-    (:func:`tie_saved_copies`), then add the rows of ``trainable_token_indices`` for ``adapter_name`` (after the LoRA
+    """``MethodSpec.extra_layers`` of LoRA: tie the LoRA layers of tied embeddings (:func:`.tied.bind_tied_layers`)
+    and ``modules_to_save`` copies of them (:func:`tie_saved_copies`), then add the rows of ``trainable_token_indices`` for ``adapter_name`` (after the LoRA
     layers, as the reference), recording every module changed in ``applied``."""
+    bind_tied_layers(model, config, adapter_name, applied)
     tie_saved_copies(model, config, adapter_name, applied)
     plan = plan_token_layers(model, config)  # again: the LoRA layers of this adapter exist now
     for name, rows in plan.wrap:
