@@ -26,3 +26,50 @@ torch.set_num_threads(1)
 def seed():
     torch.manual_seed(0)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------- CLI tests
+# Tiny models and data files saved once per test module, for the command-line tests (tests/test_cli*.py; a module
+# defining a fixture of the same name uses its own).
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory):
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def llama_dir(work):
+    """A tiny Llama and a byte-level BPE tokenizer saved together (a local "model id")."""
+    from models import tiny_llama, tiny_tokenizer
+
+    path = work / "llama"
+    tiny_llama().save_pretrained(path)
+    tiny_tokenizer("bpe").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bert_dir(work):
+    """A tiny BERT classifier and a word-level tokenizer saved together."""
+    from models import tiny_bert, tiny_tokenizer
+
+    path = work / "bert"
+    tiny_bert("SEQ_CLS").save_pretrained(path)
+    tiny_tokenizer("wordlevel").save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm_data(work):
+    from cli_fixtures import write_jsonl
+    from models import _CORPUS
+
+    return write_jsonl(work / "lm.jsonl", [{"text": t} for t in _CORPUS[:4]])
+
+
+@pytest.fixture(scope="module")
+def cls_data(work):
+    from cli_fixtures import write_jsonl
+    from models import _CORPUS
+
+    rows = [{"text": t, "label": "pos" if "great" in t or "hello" in t else "neg"} for t in _CORPUS[:7]]
+    return write_jsonl(work / "cls.jsonl", rows)

@@ -17,12 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from models import _CORPUS, tiny_bert, tiny_llama, tiny_t5, tiny_tokenizer
-from typer.testing import CliRunner
+from cli_fixtures import cli, write_jsonl
+from models import _CORPUS, tiny_llama, tiny_t5, tiny_tokenizer
 
 import peftkit
-from peftkit import AutoPeftModelForCausalLM, PeftModel, all_methods
-from peftkit.cli.app import app
+from peftkit import AutoPeftModelForCausalLM, all_methods
 from peftkit.cli.inspect_cmd import effective_rank, lowrank_singular_values
 from peftkit.serialization.files import load_peft_weights
 
@@ -30,52 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SUBCOMMANDS = ["train", "inspect", "merge", "generate", "predict", "methods"]
 
 
-def cli(*args: str | Path, code: int = 0, stdout_only: bool = False) -> str:
-    """Run ``peftkit args`` in-process; assert the exit code; return stdout + stderr (or stdout only)."""
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    out = result.output
-    if result.exit_code != code:
-        raise AssertionError(f"exit {result.exit_code} != {code}\n{out}\n{result.exception!r}")
-    return result.stdout if stdout_only else out
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
-
-
-# ---------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cli")
-
-
-@pytest.fixture(scope="module")
-def llama_dir(work: Path) -> Path:
-    """A tiny Llama and a byte-level BPE tokenizer saved together (a local "model id")."""
-    path = work / "llama"
-    tiny_llama().save_pretrained(path)
-    tiny_tokenizer("bpe").save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def bert_dir(work: Path) -> Path:
-    path = work / "bert"
-    tiny_bert("SEQ_CLS").save_pretrained(path)
-    tiny_tokenizer("wordlevel").save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def lm_data(work: Path) -> Path:
-    return write_jsonl(work / "lm.jsonl", [{"text": t} for t in _CORPUS[:4]])
-
-
-@pytest.fixture(scope="module")
-def cls_data(work: Path) -> Path:
-    rows = [{"text": t, "label": "pos" if "great" in t or "hello" in t else "neg"} for t in _CORPUS[:7]]
-    return write_jsonl(work / "cls.jsonl", rows)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +81,8 @@ def test_python_m_peftkit_user_errors_print_one_line_and_the_cli_imports_no_tran
 def test_train_writes_adapter_tokenizer_and_log(lm_adapter: Path) -> None:
     names = {p.name for p in lm_adapter.iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "training_log.json"} <= names
-    assert not (lm_adapter / "checkpoint").exists()
+    assert {"train_config.yaml", "loss_curve.png"} <= names
+    assert sorted(p.name for p in lm_adapter.glob("checkpoint-*")) == ["checkpoint-6", "checkpoint-8"]  # best + last
     log = json.loads((lm_adapter / "training_log.json").read_text())
     assert len(log["steps"]) == 4 * 2  # 4 sentences / batch 2, 4 epochs
     assert [s["step"] for s in log["steps"]] == list(range(1, 9))
@@ -431,9 +385,9 @@ def test_option_errors(llama_dir: Path, lm_data: Path, lm_adapter: Path, tmp_pat
     assert "--dtype 'int3' is not allowed" in _error(cli("merge", lm_adapter, "--output", tmp_path, "--dtype",
                                                          "int3", code=2))
     assert "predict needs a seq-cls or token-cls adapter" in _error(cli("predict", lm_adapter, "--text", "a", code=2))
-    assert "checkpoint state file" in _error(cli("train", "--resume", tmp_path, code=2))
-    (tmp_path / "training_state.pt").write_bytes(b"not a checkpoint")
-    assert "cannot read the checkpoint state" in _error(cli("train", "--resume", tmp_path, code=2))
+    assert "missing option --model and --data" in _error(cli("train", "--resume", tmp_path, code=2))
+    assert "is not a checkpoint directory (no trainer_state.json)" in _error(
+        cli("train", "--resume", tmp_path, "--model", "m", "--data", lm_data, code=2))
 
 
 # ---------------------------------------------------------------------------------------------------- Ctrl-C
@@ -452,27 +406,4 @@ def test_first_ctrl_c_sets_the_stop_flag_and_a_second_aborts() -> None:
     assert signal.getsignal(signal.SIGINT) is previous
 
 
-def test_interrupt_saves_a_checkpoint_and_resume_equals_an_uninterrupted_run(
-        llama_dir: Path, lm_data: Path, tmp_path: Path) -> None:
-    common = ["--model", llama_dir, "--data", lm_data, "--epochs", "3", "--batch-size", "2", "--lr", "1e-2",
-              "--dropout", "0.2", "--no-progress"]
-    cli("train", *common, "--output", tmp_path / "full")
-    out = cli("train", *common, "--output", tmp_path / "cut", "--interrupt-after", "3", code=130)
-    checkpoint = tmp_path / "cut" / "checkpoint"
-    assert f"peftkit train --resume {checkpoint}" in " ".join(out.split())
-    assert {"adapter_config.json", "adapter_model.safetensors", "training_state.pt", "tokenizer.json"} <= {
-        p.name for p in checkpoint.iterdir()}
-    assert not (tmp_path / "cut" / "adapter_model.safetensors").exists()
-    # the checkpoint is a usable adapter
-    usable = AutoPeftModelForCausalLM.from_pretrained(checkpoint)
-    assert isinstance(usable, PeftModel)
-    cli("train", "--resume", checkpoint)
-    assert not checkpoint.exists()
-    full, resumed = load_peft_weights(str(tmp_path / "full")), load_peft_weights(str(tmp_path / "cut"))
-    assert full.keys() == resumed.keys()
-    for key in full:
-        torch.testing.assert_close(resumed[key], full[key], atol=1e-6, rtol=0)
-    log_full = json.loads((tmp_path / "full" / "training_log.json").read_text())
-    log_cut = json.loads((tmp_path / "cut" / "training_log.json").read_text())
-    assert [s["loss"] for s in log_cut["steps"]] == pytest.approx([s["loss"] for s in log_full["steps"]], abs=1e-5)
-    assert len(log_cut["steps"]) == 6
+# Trainer checkpoints, Ctrl-C, --resume: tests/test_cli_train.py

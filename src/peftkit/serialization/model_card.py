@@ -10,10 +10,24 @@ from ..fileio import atomic_write_text
 _PIPELINE_TAGS = {"CAUSAL_LM": "text-generation"}
 
 
+def is_local_path(ref: str) -> bool:
+    """Whether ``ref`` (a ``base_model_name_or_path``) is a local path rather than a Hub id (``owner/name``)."""
+    return (os.path.isabs(ref) or ref.startswith((".", "~")) or ref.count("/") > 1 or "\\" in ref
+            or os.path.exists(ref))
+
+
 def render_model_card(configs: dict[str, PeftConfig], is_transformers: bool, quantization: dict | None = None) -> str:
-    """README text: header (``base_model``, ``library_name: peft``, tags), a short body, framework versions."""
+    """README text: header (``base_model``, ``library_name: peft``, tags), a short body, framework versions.
+
+    A base model loaded from a local directory is named in the body by the directory's name only: the card is
+    meant to be shared, and an absolute path would publish the author's file system (``adapter_config.json`` keeps
+    the full path, which loading needs).
+    """
     first = next(iter(configs.values()))
     base = first.base_model_name_or_path
+    local_base = os.path.basename(os.path.normpath(base)) if base and is_local_path(base) else None
+    if local_base is not None:
+        base = None
     tags = {f"base_model:adapter:{base}"} if base else set()
     tags.update(str(c.peft_type).lower() for c in configs.values() if c.peft_type is not None)
     if is_transformers:
@@ -28,6 +42,8 @@ def render_model_card(configs: dict[str, PeftConfig], is_transformers: bool, qua
     lines.append("tags:")
     lines += [f"- {tag}" for tag in sorted(tags)]
     lines += ["---", "", "# Adapter", ""]
+    if local_base is not None:
+        lines += [f"Base model: a local directory `{local_base}`.", ""]
     for name, cfg in configs.items():
         lines.append(f"- `{name}`: {cfg.peft_type} adapter, task type {cfg.task_type}")
     if quantization:
@@ -60,8 +76,7 @@ def card_for_hub(text: str, tags: list[str] | None = None) -> str:
     local_base = False
     for line in header.splitlines():
         if line.startswith("base_model:"):
-            base = line.split(":", 1)[1].strip()
-            local_base = os.path.isabs(base) or base.startswith((".", "~")) or os.path.exists(base)
+            local_base = is_local_path(line.split(":", 1)[1].strip())
             if local_base:
                 continue
         if line == "tags:":
