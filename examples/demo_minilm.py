@@ -79,6 +79,9 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     t0 = time.perf_counter()
+    from peftkit.cli.common import quiet_library_noise
+
+    quiet_library_noise()  # optional kernels of torchao / bitsandbytes that transformers probes at import: not ours
 
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

@@ -47,6 +47,7 @@ def test_demo_quick_mode_improves_held_out_accuracy(tmp_path: Path) -> None:
     for text in ("held-out accuracy before training", "held-out accuracy after training", "trainable params:",
                  "AutoPeftModelForSequenceClassification", "vs model"):
         assert text in proc.stdout
+    assert "Failed to load" not in proc.stderr and "_pytree" not in proc.stderr, proc.stderr  # no library noise
 
 
 @pytest.fixture(scope="module")
