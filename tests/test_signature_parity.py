@@ -48,9 +48,8 @@ _EMPTY = inspect.Parameter.empty
 #: names of ``peft.__all__`` that peftkit does not export yet. Remove a name when it lands (issues 18-23).
 EXPECTED_MISSING: frozenset[str] = frozenset({
     # LoRA initialisations and variants (issue 19)
-    "ArrowConfig", "BdLoraConfig", "EvaConfig", "KasaConfig", "LoftQConfig", "LoraGAConfig", "MontecloraConfig",
-    "VeloraConfig", "create_arrow_model", "get_eva_state_dict", "initialize_lora_eva_weights", "preprocess_loraga",
-    "replace_lora_weights_loftq",
+    "ArrowConfig", "BdLoraConfig", "KasaConfig", "MontecloraConfig",
+    "VeloraConfig", "create_arrow_model",
     # other adapter methods (issues 20-23)
     "AdamssConfig", "AdamssModel", "BOFTConfig", "BOFTModel", "BeftConfig", "BeftModel", "C3AConfig", "C3AModel",
     "DeftConfig", "DeftModel", "DeloraConfig", "DeloraModel", "FourierFTConfig", "FourierFTModel", "FrodConfig",
@@ -106,6 +105,8 @@ def _same_default(ref: Any, ours: Any) -> bool:
         return str(getattr(ref, "value", ref)) == str(getattr(ours, "value", ours))
     if isinstance(ref, bool) != isinstance(ours, bool):
         return False
+    if inspect.isfunction(ref) and inspect.isfunction(ours):  # peftkit's own copy of a default helper (EVA's
+        return ref.__name__ == ours.__name__  # forward_fn_dict, ...): same name, same documented behaviour
     try:
         return bool(ref == ours)
     except Exception:  # noqa: BLE001 - e.g. tensors; treat as different

@@ -52,6 +52,10 @@ from .methods.lokr import LoKrConfig
 from .methods.lora import LoraConfig
 from .methods.lora.config import LoraRuntimeConfig
 from .methods.lora.conversion import convert_to_lora, save_as_lora
+from .methods.lora.corda import CordaConfig, preprocess_corda
+from .methods.lora.eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights
+from .methods.lora.loftq import LoftQConfig, replace_lora_weights_loftq
+from .methods.lora.loraga import LoraGAConfig, preprocess_loraga
 from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .methods.prompt import PromptLearningConfig
@@ -120,6 +124,8 @@ __all__ = [
     "AutoPeftModelForTokenClassification",
     "BaseTunerLayer",
     "ConfigError",
+    "CordaConfig",
+    "EvaConfig",
     "GroupedConvMergeError",
     "IA3Config",
     "IA3Model",
@@ -127,7 +133,9 @@ __all__ = [
     "LoHaModel",
     "LoKrConfig",
     "LoKrModel",
+    "LoftQConfig",
     "LoraConfig",
+    "LoraGAConfig",
     "LoraModel",
     "LoraRuntimeConfig",
     "MergeError",
@@ -171,6 +179,7 @@ __all__ = [
     "cast_mixed_precision_params",
     "convert_to_lora",
     "get_base_model_state_dict",
+    "get_eva_state_dict",
     "get_layer_status",
     "get_method",
     "get_model_status",
@@ -179,11 +188,15 @@ __all__ = [
     "get_peft_model_state_dict",
     "hotswap_adapter",
     "hotswap_adapter_from_state_dict",
+    "initialize_lora_eva_weights",
     "inject_adapter_in_model",
     "load_peft_weights",
     "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
+    "preprocess_corda",
+    "preprocess_loraga",
     "register_method",
+    "replace_lora_weights_loftq",
     "save_as_lora",
     "set_base_model_state_dict",
     "set_peft_model_state_dict",

@@ -325,6 +325,28 @@ def _config_class_for(cls: type[PeftConfig], peft_type: object, where: str = "th
     return cls if cls is not PeftConfig and issubclass(cls, target) else target
 
 
+_Sub = TypeVar("_Sub")
+
+
+def as_subconfig(field_name: str, value: object, cls: type[_Sub]) -> _Sub | None:
+    """A nested config field (``LoraConfig.corda_config``, ...) as an instance of the dataclass ``cls``: a dict (as
+    loaded from ``adapter_config.json``) is converted, None and instances pass through.
+
+    Raises:
+        ConfigError: the dict has keys that are not fields of ``cls`` (named, with the allowed ones).
+        ConfigTypeError: any other type.
+    """
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        fields = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+        unknown = sorted(set(value) - fields)
+        if unknown:
+            raise ConfigError(field_name, value, f"unknown keys {unknown}; allowed: {sorted(fields)}")
+        return cls(**value)
+    raise ConfigTypeError(field_name, value, f"allowed: None, a {cls.__name__} or a dict of its fields")
+
+
 def as_set(value: Iterable[str] | str | None) -> set[str] | str | None:
     """Lists of module names are stored as sets (the reference does the same); strings stay regexes."""
     if value is None or isinstance(value, str):

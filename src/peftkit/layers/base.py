@@ -140,6 +140,11 @@ class AdapterLayer(AdapterState, nn.Module):
             grad = (trainable or {}).get(name, name in names) and name in names
             for param in self.adapter_parameters(name):
                 param.requires_grad_(grad)
+            for attr in vars(self).get("frozen_peft_weight_names", {}).get(name, ()):  # e.g. MiCA's lora_B
+                holder = getattr(self, attr)
+                item = holder[name] if name in holder else None  # noqa: SIM401 (nn.ModuleDict has no .get)
+                for param in (item.parameters() if isinstance(item, nn.Module) else [item] if item is not None else []):
+                    param.requires_grad_(False)
         self._refresh()
 
     def enable_adapters(self, enabled: bool) -> None:

@@ -16,10 +16,19 @@ from ...layers.dispatch import CONV, EMBEDDING, HF_CONV1D, LINEAR, MHA, QUANT_LI
 from ...registry import MethodSpec, register_method
 from ...target_tables import default_lora_targets
 from ...types import PeftType
+from .alora import ALoraTunerMixin
 from .combine import add_weighted_adapter
 from .config import LoraConfig
 from .convert import convert_initial_weights
-from .init import SUPPORTED_INITS, is_supported_init, uses_base_weight
+from .init import (
+    SUPPORTED_INITS,
+    changes_base_weight,
+    extra_init_kinds,
+    is_supported_init,
+    mark_frozen_weights,
+    resolve_init,
+    uses_base_weight,
+)
 from .layers import Conv, Embedding, Linear, LoraLayer
 from .mha import MultiheadAttention, check_mha
 from .param import ParamLayer
@@ -33,12 +42,8 @@ _LAYER_CLASSES: dict[str, type[LoraLayer]] = {LINEAR: Linear, HF_CONV1D: Linear,
 
 #: config fields peftkit accepts (for file compatibility) but does not implement yet, with their inert values
 _NOT_YET: dict[str, tuple[object, ...]] = {
-    "alora_invocation_tokens": (None,),
     "use_qalora": (False,),
     "megatron_config": (None,),
-    "eva_config": (None,),
-    "corda_config": (None,),
-    "lora_ga_config": (None,),
     "velora_config": (None,),
     "monteclora_config": (None,),
     "arrow_config": (None,),
@@ -65,10 +70,11 @@ def _layer_options(name: str, module: nn.Module, config: PeftConfig) -> dict[str
         _check_grouped_conv(name, base.groups, r, config)
     if kind == MHA:
         check_mha(name, base, config)
-    if uses_base_weight(config.init_lora_weights) and kind not in (LINEAR, HF_CONV1D):
+    if uses_base_weight(config.init_lora_weights) and kind not in (LINEAR, HF_CONV1D, *extra_init_kinds(config)):
         raise ConfigError("init_lora_weights", config.init_lora_weights,
-                          f"PiSSA/OLoRA initialise nn.Linear and Conv1D layers only; target {name!r} is a "
-                          f"{type(base).__name__}. Exclude it from target_modules or use another init")
+                          f"PiSSA/OLoRA/LoftQ initialise nn.Linear and Conv1D layers only (MiCA also nn.Embedding); "
+                          f"target {name!r} is a {type(base).__name__}. Exclude it from target_modules or use another "
+                          "init")
     return {
         "kind": kind,
         "r": r,
@@ -188,12 +194,14 @@ def _update(layer: LoraLayer, options: dict[str, Any], config: LoraConfig, adapt
         r=options["r"],
         lora_alpha=options["lora_alpha"],
         lora_dropout=config.lora_dropout,
-        init_lora_weights=config.init_lora_weights,
+        init_lora_weights=resolve_init(config),
         use_rslora=config.use_rslora,
         lora_bias=config.lora_bias,
         use_dora=config.use_dora,
+        alora_invocation_tokens=config.alora_invocation_tokens,
         dtype=dtype,
     )
+    mark_frozen_weights(layer, adapter_name, config.init_lora_weights)  # MiCA trains lora_A only
 
 
 def _check_config(config: PeftConfig, model: nn.Module) -> None:
@@ -252,7 +260,7 @@ LORA = register_method(
         mixed_compatible=True,
         layer_cls=LoraLayer,
         convert_for_save=convert_initial_weights,
-        init_changes_base=lambda config: uses_base_weight(getattr(config, "init_lora_weights", True)),
+        init_changes_base=lambda config: changes_base_weight(getattr(config, "init_lora_weights", True)),
         parameter_options=_parameter_options,
         resolve_config=resolve_config,  # MoE conversion, then ensure_weight_tying's target_modules (tied.py)
         convert_checkpoint=convert_checkpoint,  # MoE v4 keys, then the tied layers' keys (tied.py)
@@ -261,6 +269,7 @@ LORA = register_method(
         check_merge=check_merge,
         extra_layers=add_token_layers,
         handles_tied_embeddings=lambda config: bool(getattr(config, "ensure_weight_tying", False)),
+        tuner_mixin=ALoraTunerMixin,  # aLoRA: forward / generate hand the invocation offsets to the layers
         init_allocates=lambda config: (uses_base_weight(getattr(config, "init_lora_weights", True))
                                        or bool(getattr(config, "use_dora", False))),
     )

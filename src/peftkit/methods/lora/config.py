@@ -11,6 +11,10 @@ from typing import Any, Literal, Self
 from ...config import PeftConfig, as_set, check, is_int, is_number
 from ...errors import ConfigTypeError, PeftWarning
 from ...types import PeftType
+from .corda import CordaConfig, as_corda_config
+from .eva import EvaConfig, eva_subconfig
+from .loftq import LoftQConfig, check_loftq_config
+from .loraga import LoraGAConfig, as_lora_ga_config
 
 #: ``init_lora_weights`` values the reference accepts (``pissa_niter_<k>`` too).
 INIT_CHOICES = (True, False, "gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica", "lora_ga")
@@ -63,9 +67,9 @@ class LoraConfig(PeftConfig):
     megatron_core: str | None = "megatron.core"
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     loftq_config: dict[str, Any] | Any = field(default_factory=dict)
-    eva_config: dict[str, Any] | None = None
-    corda_config: dict[str, Any] | None = None
-    lora_ga_config: dict[str, Any] | None = None
+    eva_config: EvaConfig | dict[str, Any] | None = None
+    corda_config: CordaConfig | dict[str, Any] | None = None
+    lora_ga_config: LoraGAConfig | dict[str, Any] | None = None
     use_dora: bool = False
     velora_config: dict[str, Any] | None = None
     monteclora_config: dict[str, Any] | None = None
@@ -93,6 +97,7 @@ class LoraConfig(PeftConfig):
         if not isinstance(self.runtime_config, LoraRuntimeConfig):
             raise ConfigTypeError("runtime_config", self.runtime_config, "allowed: a LoraRuntimeConfig")
         self._validate_lora()
+        _init_subconfigs(self)
         _warn_rslora_patterns_with_weight_init(self)
         _warn_ignored_init_configs(self)
         #: ``{module type: custom LoRA layer class}`` from :meth:`_register_custom_module`; not a field, so never
@@ -156,7 +161,14 @@ class LoraConfig(PeftConfig):
               "allowed: None or a list of parameter names (not a str)")
         check(not (self.init_lora_weights == "loftq" and not self.loftq_config), "loftq_config", self.loftq_config,
               "init_lora_weights='loftq' requires a loftq_config")
+        if self.init_lora_weights == "loftq":  # a LoftQConfig becomes a dict (as the reference), defaults filled
+            self.loftq_config = check_loftq_config(self.loftq_config)
+        elif isinstance(self.loftq_config, LoftQConfig):  # ignored (warned below), but JSON-serialisable
+            self.loftq_config = dict(vars(self.loftq_config))
+        check(not (canonical_init(self.init_lora_weights) == "mica" and self.use_dora), "use_dora", self.use_dora,
+              "init_lora_weights='mica' (a LoRA variant in the reference) cannot be combined with use_dora=True")
         _check_trainable_token_indices(self.trainable_token_indices)
+        _check_alora(self)
 
     def _validate_layers(self) -> None:
         ltt = self.layers_to_transform
@@ -171,6 +183,29 @@ class LoraConfig(PeftConfig):
         check(not (isinstance(self.target_modules, str) and self.layers_pattern is not None), "layers_pattern",
               self.layers_pattern, "layers_pattern cannot be used when target_modules is a str; use None")
 
+
+def _init_subconfigs(config: LoraConfig) -> None:
+    """As the reference: ``corda_config`` / ``lora_ga_config`` given as dicts (a loaded ``adapter_config.json``)
+    become their dataclasses; ``init_lora_weights="corda"`` without a ``corda_config`` gets the default one (warned)."""
+    config.corda_config = as_corda_config(config.corda_config)  # type: ignore[assignment]
+    config.lora_ga_config = as_lora_ga_config(config.lora_ga_config)  # type: ignore[assignment]
+    config.eva_config = eva_subconfig(config.eva_config, config.init_lora_weights)  # type: ignore[assignment]
+    if config.init_lora_weights == "corda" and config.corda_config is None:
+        warnings.warn("init_lora_weights='corda' but corda_config is not given; using the default CordaConfig()",
+                      PeftWarning, stacklevel=4)
+        config.corda_config = CordaConfig()  # type: ignore[assignment]
+
+
+def _check_alora(config: LoraConfig) -> None:
+    """``alora_invocation_tokens``: None or a non-empty list of token ids; outside CAUSAL_LM it warns, as the
+    reference (aLoRA is meant for causal LMs)."""
+    tokens = config.alora_invocation_tokens
+    if tokens is None:
+        return
+    check(isinstance(tokens, (list, tuple)) and len(tokens) > 0 and all(is_int(t) and t >= 0 for t in tokens),
+          "alora_invocation_tokens", tokens, "allowed: None or a non-empty list of token ids (ints >= 0)")
+    if str(config.task_type) != "CAUSAL_LM":
+        warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", PeftWarning, stacklevel=5)
 
 def _warn_rslora_patterns_with_weight_init(config: LoraConfig) -> None:
     """As the reference's ``LoraConfig.__post_init__``: PiSSA/OLoRA (and CorDA/LoRA-GA) with rsLoRA and a rank or

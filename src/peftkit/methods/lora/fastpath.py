@@ -87,15 +87,17 @@ def try_forward(layer: Linear, x: torch.Tensor) -> torch.Tensor | None:
 def _fused_forward(layer: Linear, x: torch.Tensor) -> torch.Tensor | None:
     """Training forward ``x: (..., in) -> (..., out)`` of one plain adapter on a frozen, hook-free ``nn.Linear``
     base as a single autograd node (:func:`linear_lora`: the base's and the adapter's input gradients are written
-    into one tensor); None when the general path is needed (several adapters, DoRA, a LoRA bias, a tensor
+    into one tensor); None when the general path is needed (several adapters, a variant such as DoRA, a LoRA bias, a tensor
     scaling, a custom dropout module, a trainable or tensor-subclass base weight such as torchao's, mixed dtypes,
     autocast, hooks)."""
     modules = layer._modules
     base = modules["base_layer"]
     names = layer._forward_adapters
-    if len(names) != 1 or not _hook_free_linear(base) or modules["lora_magnitude_vector"]._modules:
+    if len(names) != 1 or not _hook_free_linear(base):
         return None
     name = names[0]
+    if name in layer._variants:  # a variant (DoRA, ...) computes its own forward: never this plain-LoRA node
+        return None
     if calls_modules(layer, modules["lora_A"]._modules[name], modules["lora_B"]._modules[name]):
         return None
     W, b = base._parameters["weight"], base._parameters["bias"]
@@ -186,7 +188,7 @@ def _lean_entry(layer: Linear, name: str, A: torch.Tensor, B: torch.Tensor, dtyp
     (``A: (r, in)``, ``B: (out, r)``, ``scaling * B.T: (r, out)`` contiguous) for :func:`_inference_forward`,
     rebuilt when ``B`` (the same parameter, storage and version), the scaling object or ``A`` changed
     (:func:`_entry_current`; a dtype change moves ``B``'s storage); None (and nothing cached) when the adapter
-    needs the general path: a tensor scaling, a bias, active dropout, DoRA or a dtype other than ``dtype``. An
+    needs the general path: a tensor scaling, a bias, active dropout, a variant (DoRA, ...) or a dtype other than ``dtype``. An
     inference tensor ``B`` (made under ``torch.inference_mode``) has no version counter, so its entry is built
     for the call and not cached.
 
@@ -195,7 +197,7 @@ def _lean_entry(layer: Linear, name: str, A: torch.Tensor, B: torch.Tensor, dtyp
     scaling = layer.scaling[name]
     if (type(scaling) is not float or layer.lora_B[name].bias is not None or A.dtype is not dtype
             or calls_modules(layer, layer.lora_A[name], layer.lora_B[name])
-            or B.dtype is not dtype or name in layer.lora_magnitude_vector
+            or B.dtype is not dtype or name in layer._variants
             or dropout_p(layer.lora_dropout[name]) != 0.0):
         layer._bt_cache.pop(name, None)
         return None

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from ...errors import ConfigError, GroupedConvMergeError, MergeError
+from ...errors import ConfigError, GroupedConvMergeError
 from ...injection.apply import defer_init, is_probing, skip_random_init
 from ...layers.base import AdapterLayer
 from ...layers.dispatch import inplace_safe
@@ -27,6 +27,7 @@ from ...ops.lowrank import add_scaled_, can_update_inplace
 from .dora import DoraMagnitude, dora_update, view_norm
 from .fastpath import calls_modules, dropout_p, try_forward
 from .init import init_conv_or_linear_, init_embedding_, init_from_weight, uses_base_weight
+from .variants import LoraVariant, variant_for
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -52,6 +53,7 @@ class LoraLayer(AdapterLayer):
     lora_embedding_B: nn.ParameterDict
     lora_magnitude_vector: nn.ModuleDict
     _dora_merged_norm: dict[str, torch.Tensor]
+    _variants: dict[str, LoraVariant]
     _dora_norm_cache: dict[str, tuple[object, torch.Tensor]]
     _bt_cache: dict[str, tuple[Any, ...]]
     _lean_plan: tuple[Any, ...] | None
@@ -78,6 +80,7 @@ class LoraLayer(AdapterLayer):
             use_rslora={},  # dict[str, bool]
             lora_bias={},  # dict[str, bool]
             _dora_merged_norm={},  # dict[str, Tensor]: row norms used when a DoRA adapter was merged
+            _variants={},  # dict[str, LoraVariant]: adapters that are not plain LoRA (see variants.py)
             _dora_norm_cache={},  # dict[str, tuple[key, Tensor]]
             _bt_cache={},  # dict[str, tuple]: see fastpath._lean_entry
             _lean_plan=None,  # tuple | None: see fastpath._build_lean_plan
@@ -106,9 +109,11 @@ class LoraLayer(AdapterLayer):
         lora_bias: bool = False,
         dtype: torch.dtype | None = None,
         use_dora: bool = False,
-        **_: Any,
+        **options: Any,
     ) -> None:
-        """Create adapter ``adapter_name`` with rank ``r`` on the base weight's device, in ``dtype``."""
+        """Create adapter ``adapter_name`` with rank ``r`` on the base weight's device, in ``dtype``; a variant
+        (DoRA, ...: :func:`.variants.variant_for` of the options) is chosen here, once."""
+        variant = variant_for(self, use_dora=use_dora, **options)
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
         self.use_rslora[adapter_name] = use_rslora
@@ -118,10 +123,11 @@ class LoraLayer(AdapterLayer):
                   nn.Dropout(p=lora_dropout) if lora_dropout > 0 else new_module(nn.Identity))
         weight = self.adapted_weight()
         # meta: nothing to fill. Loading: A and B stay on meta and adopt the checkpoint's tensors (missing ones
-        # become zeros after it); PiSSA/OLoRA change the base weight and DoRA's magnitude is computed from A and B,
-        # so they always init.
+        # become zeros after it); PiSSA/OLoRA change the base weight and DoRA's magnitude is computed from A and B
+        # (a variant's ``init_allocates``), so they always init.
         # A load's probe (is_probing) inits nothing: it only checks the checkpoint's shapes.
-        init = not is_probing() and (uses_base_weight(init_lora_weights) or use_dora
+        allocates = variant is not None and variant.init_allocates
+        init = not is_probing() and (uses_base_weight(init_lora_weights) or allocates
                                      or not (weight.is_meta or skip_random_init()))
         deferred = not init and not weight.is_meta
         factory = {"device": torch.device("meta") if deferred else weight.device, "dtype": dtype or weight.dtype}
@@ -130,8 +136,11 @@ class LoraLayer(AdapterLayer):
             self._init(adapter_name, init_lora_weights)
         elif deferred:
             defer_init(self.adapter_parameters(adapter_name), weight.device)
-        if use_dora:
-            self._create_dora(adapter_name)
+        self._variants.pop(adapter_name, None)
+        if variant is not None:
+            variant.init(self, adapter_name)
+            self._variants[adapter_name] = variant
+        self._bt_cache.pop(adapter_name, None)
         self._refresh()
 
     def _cast_input_dtype(self, x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -200,44 +209,46 @@ class LoraLayer(AdapterLayer):
         return factor.reshape(-1, *(1,) * (like.dim() - 1)).to(like.dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """As :meth:`AdapterLayer.merge`; a DoRA adapter sets ``V <- (m / ‖V + ΔV‖) * (V + ΔV)`` in the norm view."""
+        """As :meth:`AdapterLayer.merge`; an adapter with a variant merges through it (DoRA sets
+        ``V <- (m / ‖V + ΔV‖) * (V + ΔV)`` in the norm view)."""
         for name in self._adapters_to_merge(adapter_names):
-            if name not in self.lora_magnitude_vector:
+            variant = self._variants.get(name)
+            if variant is None:
                 super().merge(safe_merge, [name])
                 continue
-            base = self.get_base_layer()
-            view = self._dora_view(base.weight).detach()
-            delta = self._dora_delta(name, view).to(view.dtype)
-            norm = view_norm(view, delta)
-            new = self._dora_factor(name, norm, view) * (view + delta)
-            if safe_merge and not torch.isfinite(new).all():
-                raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            with torch.no_grad():
-                base.weight.data.copy_(self._dora_view(new))
-            self._dora_merged_norm[name] = norm
+            variant.merge(self, name, safe_merge)
             self.merged_adapters.append(name)
             self._refresh()
 
     def unmerge(self) -> None:
-        """Undo the merged adapters, last merged first (DoRA: ``V <- V / factor - ΔV``)."""
+        """Undo the merged adapters, last merged first (a variant's through it; DoRA: ``V <- V / factor - ΔV``)."""
         while self.merged_adapters:
             name = self.merged_adapters[-1]
-            if name not in self.lora_magnitude_vector:
+            variant = self._variants.get(name)
+            if variant is None:
                 _unmerge_last_additive(self)
                 continue
             self.merged_adapters.pop()
-            base = self.get_base_layer()
-            view = self._dora_view(base.weight).detach()
-            delta = self._dora_delta(name, view).to(view.dtype)
-            old = view / self._dora_factor(name, self._dora_merged_norm.pop(name), view) - delta
-            with torch.no_grad():
-                base.weight.data.copy_(self._dora_view(old))
+            variant.unmerge(self, name)
         self._refresh()
 
-    def _reject_dora_in_mixed_batch(self, present: tuple[str, ...]) -> None:
-        dora = [n for n in present if n in self.lora_magnitude_vector]
-        if dora:
-            raise ValueError(f"mixed batches (adapter_names=...) are not supported with DoRA adapters: {dora}")
+    def _adapters_to_merge(self, adapter_names: list[str] | None, warn: bool = True) -> list[str]:
+        """As :meth:`AdapterLayer._adapters_to_merge`; an adapter whose variant cannot merge (aLoRA) refuses here,
+        which the tuner calls for every layer before merging any, so a refused merge leaves the model unchanged."""
+        names = super()._adapters_to_merge(adapter_names, warn)
+        for name in names:
+            variant = self._variants.get(name)
+            if variant is not None:
+                variant.refuse_merge(self, name)
+        return names
+
+    def _reject_variants_in_mixed_batch(self, present: tuple[str, ...]) -> None:
+        """Mixed batches (``adapter_names=...``) serve plain LoRA adapters only, as the reference (DoRA, ...)."""
+        bad = [n for n in present if n in self._variants]
+        if bad:
+            kinds = sorted({self._variants[n].name for n in bad})
+            raise ValueError(f"mixed batches (adapter_names=...) are not supported with {'/'.join(kinds)} adapters: "
+                             f"{bad}")
 
     def adapter_state(self, adapter_name: str) -> dict[str, tuple[str, torch.Tensor]]:
         """As :meth:`AdapterLayer.adapter_state`, but the DoRA magnitude is saved as ``lora_magnitude_vector``
@@ -252,6 +263,7 @@ class LoraLayer(AdapterLayer):
         super().delete_adapter(adapter_name)
         self._dora_norm_cache.pop(adapter_name, None)
         self._bt_cache.pop(adapter_name, None)
+        self._variants.pop(adapter_name, None)
 
     def _refresh(self) -> None:
         """As :meth:`AdapterLayer._refresh`; any change of the adapters (added, activated, merged, deleted, ...)
@@ -323,11 +335,10 @@ class Linear(LoraLayer):
         if not uses_base_weight(mode):
             super()._init(adapter_name, mode)
             return
-        assert isinstance(mode, str)
         base_weight = self.get_base_layer().weight
         A_mod, B_mod = self.lora_A[adapter_name], self.lora_B[adapter_name]
         A, B, residual = init_from_weight(self._weight_out_in().detach().float(), mode, self.r[adapter_name],
-                                          self.scaling[adapter_name])
+                                          self.scaling[adapter_name], source=self.get_base_layer())
         with torch.no_grad():
             A_mod.weight.copy_(A)
             B_mod.weight.copy_(B)
@@ -342,14 +353,14 @@ class Linear(LoraLayer):
         return delta.to(self.get_base_layer().weight.dtype)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        """True for plain LoRA. A DoRA adapter (its magnitude rescales ``W + ΔW``) or one with ``lora_bias`` (it
-        changes the bias) is not ``W + get_delta_weight``; the reference converts them anyway, dropping the
-        magnitude / bias (README: deliberate differences)."""
-        return adapter_name not in self.lora_magnitude_vector and not self.lora_bias.get(adapter_name, False)
+        """True for plain LoRA. An adapter with a variant (DoRA: its magnitude rescales ``W + ΔW``; aLoRA: position
+        dependent) or with ``lora_bias`` (it changes the bias) is not ``W + get_delta_weight``; the reference converts
+        DoRA / ``lora_bias`` adapters anyway, dropping the magnitude / bias (README: deliberate differences)."""
+        return adapter_name not in self._variants and not self.lora_bias.get(adapter_name, False)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """``x: (..., in) -> (..., out)``: ``base(x) + scaling * B(A(dropout(x)))`` per active adapter (DoRA
-        through :meth:`_dora_forward`).
+        """``x: (..., in) -> (..., out)``: ``base(x) + scaling * B(A(dropout(x)))`` per active adapter (an adapter
+        with a variant, e.g. DoRA, through its :meth:`.variants.LoraVariant.forward`).
 
         In eager mode a call without extra arguments first goes to :func:`.fastpath.try_forward` (the cached
         no-grad plan while decoding, the fused training node), which returns None where the general path below is
@@ -368,16 +379,17 @@ class Linear(LoraLayer):
         return self._add_adapters(x, self.base_layer(x, *args, **kwargs))
 
     def _plain_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The forward as the paper writes it, ``base(x) + scaling * B(A(dropout(x)))`` per adapter (DoRA through
-        :meth:`_dora_forward`), out of place: what ``torch.compile`` traces."""
+        """The forward as the paper writes it, ``base(x) + scaling * B(A(dropout(x)))`` per adapter (a variant's
+        adapter through its ``forward``), out of place: what ``torch.compile`` traces."""
         if self._disable_adapters:
             return self._base_forward(x, *args, **kwargs)
         if self._row_adapters is not None:
             return self._mixed_forward(x, *args, **kwargs)
         result = base_out = self.base_layer(x, *args, **kwargs)
+        variants = self._variants
         for name in self._forward_adapters:
-            if name in self.lora_magnitude_vector:
-                result = self._dora_forward(name, x, result, base_out)
+            if name in variants:
+                result = variants[name].forward(self, name, x, result, base_out)
                 continue
             lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             hidden = lora_A(self.lora_dropout[name](self._cast_input_dtype(x, lora_A.weight.dtype)))  # (..., r)
@@ -398,16 +410,17 @@ class Linear(LoraLayer):
     def _add_adapters(self, x: torch.Tensor, result: torch.Tensor, names: tuple[str, ...] | None = None
                       ) -> torch.Tensor:
         """Add the updates of ``names`` (default: the forward adapters) to the base output ``result``: in place
-        when allowed (plain torch base, no DoRA adapter), with dropout fused into the A-projection."""
+        when allowed (plain torch base, no adapter with a variant), with dropout fused into the A-projection; an
+        adapter with a variant goes through its ``forward``."""
         names = self._forward_adapters if names is None else names
-        magnitudes = self.lora_magnitude_vector._modules
-        dora = bool(magnitudes) and any(n in magnitudes for n in names)
-        inplace = self._inplace and not dora  # the base output is never written in place while DoRA needs it
+        variants = self._variants
+        varied = bool(variants) and any(n in variants for n in names)
+        inplace = self._inplace and not varied  # the base output is never written in place while a variant needs it
         base_out = result
         lora_A, lora_B, dropouts = self.lora_A._modules, self.lora_B._modules, self.lora_dropout._modules
         for name in names:
-            if dora and name in magnitudes:
-                result = self._dora_forward(name, x, result, base_out)
+            if varied and name in variants:
+                result = variants[name].forward(self, name, x, result, base_out)
                 continue
             A_mod, B_mod, dropout = lora_A[name], lora_B[name], dropouts[name]
             if calls_modules(self, A_mod, B_mod):  # the reference's formula: casting disabled, or hooks to run
@@ -459,7 +472,7 @@ class Linear(LoraLayer):
         plan = self.row_plan(x.shape[0])
         if not plan.present:
             return result
-        self._reject_dora_in_mixed_batch(plan.present)
+        self._reject_variants_in_mixed_batch(plan.present)
         As = [self.lora_A[n].weight for n in plan.present]
         Bs = [self.lora_B[n].weight for n in plan.present]
         A_stack, B_stack = self._stacks(plan.present, As, Bs)
@@ -485,7 +498,8 @@ class Embedding(LoraLayer):
         self.lora_embedding_B[adapter_name] = nn.Parameter(torch.empty(self.out_features, r, **factory))
 
     def _init(self, adapter_name: str, mode: bool | str) -> None:
-        init_embedding_(self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name], mode)
+        init_embedding_(self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name], mode,
+                        self.get_base_layer().weight)
 
     def _lora_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
@@ -519,20 +533,17 @@ class Embedding(LoraLayer):
         if self._row_adapters is not None:
             return self._mixed_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        embed_scale = getattr(self.get_base_layer(), "embed_scale", None)
-        dora = any(n in self.lora_magnitude_vector for n in self._forward_adapters)
-        base_out = result  # never written in place while a DoRA adapter needs it
+        variants = self._variants
+        varied = bool(variants) and any(n in variants for n in self._forward_adapters)
+        base_out = result  # never written in place while a variant (DoRA) needs it
         for name in self._forward_adapters:
-            A, B = self.lora_embedding_A[name], self.lora_embedding_B[name]
-            hidden = self._embed(x, A.t())  # (..., r)
+            if varied and name in variants:
+                result = variants[name].forward(self, name, x, result, base_out)
+                continue
+            B = self.lora_embedding_B[name]
+            hidden = self._hidden(name, x)  # (..., r)
             scaling = self.scaling[name]
-            if embed_scale is not None:
-                hidden = hidden * embed_scale.to(hidden.dtype) if torch.is_tensor(embed_scale) else hidden * embed_scale
-            if name in self.lora_magnitude_vector:
-                # (m/n) * (base + s * e(x) A^T B^T): the base output stands for ``W x`` (embeddings have no bias)
-                result = dora_update(result, base_out, (hidden @ B.t()) * scaling,
-                                     self.lora_magnitude_vector[name].weight, self.dora_weight_norm(name))
-            elif self._inplace and not dora and not _compiling() and can_update_inplace(result, B):
+            if self._inplace and not varied and not _compiling() and can_update_inplace(result, B):
                 hidden = hidden * scaling if isinstance(scaling, torch.Tensor) else hidden
                 alpha = 1.0 if isinstance(scaling, torch.Tensor) else scaling
                 result.view(-1, result.shape[-1]).addmm_(hidden.reshape(-1, hidden.shape[-1]), B.t(), alpha=alpha)
@@ -541,13 +552,28 @@ class Embedding(LoraLayer):
         return result
 
 
+    def _hidden(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """``x: (...) int -> (..., r)``: rows of ``A.T``, times the base's ``embed_scale`` when it has one."""
+        hidden = self._embed(x, self.lora_embedding_A[name].t())
+        embed_scale = getattr(self.get_base_layer(), "embed_scale", None)
+        if embed_scale is not None:
+            hidden = hidden * embed_scale.to(hidden.dtype) if torch.is_tensor(embed_scale) else hidden * embed_scale
+        return hidden
+
+    def _dora_forward(self, name: str, x: torch.Tensor, result: torch.Tensor, base_out: torch.Tensor
+                      ) -> torch.Tensor:
+        """``(m/n) * (base + s * e(x) A^T B^T)``: the base output stands for ``W x`` (embeddings have no bias)."""
+        update = (self._hidden(name, x) @ self.lora_embedding_B[name].t()) * self.scaling[name]
+        return dora_update(result, base_out, update, self.lora_magnitude_vector[name].weight,
+                           self.dora_weight_norm(name))
+
     def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Mixed batch: one embedding lookup over the stacked rank-space tables, then one batched matmul."""
         result = self.base_layer(x, *args, **kwargs)
         plan = self.row_plan(x.shape[0])
         if not plan.present:
             return result
-        self._reject_dora_in_mixed_batch(plan.present)
+        self._reject_variants_in_mixed_batch(plan.present)
         As = [self.lora_embedding_A[n] for n in plan.present]
         Bs = [self.lora_embedding_B[n] for n in plan.present]
         A_stack, B_stack = self._stacks(plan.present, As, Bs)
@@ -612,15 +638,16 @@ class Conv(LoraLayer):
         if self._row_adapters is not None:
             return self._mixed_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        dora = any(n in self.lora_magnitude_vector for n in self._forward_adapters)
-        base_out = result  # never written in place while a DoRA adapter needs it
+        variants = self._variants
+        varied = bool(variants) and any(n in variants for n in self._forward_adapters)
+        base_out = result  # never written in place while a variant (DoRA) needs it
         for name in self._forward_adapters:
-            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
-            if name in self.lora_magnitude_vector:
-                result = self._dora_forward(name, x, result, base_out)
+            if varied and name in variants:
+                result = variants[name].forward(self, name, x, result, base_out)
                 continue
+            lora_A, lora_B = self.lora_A[name], self.lora_B[name]
             delta = lora_B(lora_A(self.lora_dropout[name](self._cast_input_dtype(x, lora_A.weight.dtype))))
-            if self._inplace and not dora and not _compiling() and can_update_inplace(result, lora_A.weight):
+            if self._inplace and not varied and not _compiling() and can_update_inplace(result, lora_A.weight):
                 add_scaled_(result, delta, self.scaling[name])
             else:
                 result = (result + delta * self.scaling[name]).to(result.dtype)
@@ -655,7 +682,7 @@ class Conv(LoraLayer):
         plan = self.row_plan(x.shape[0])
         if not plan.present:
             return result
-        self._reject_dora_in_mixed_batch(plan.present)
+        self._reject_variants_in_mixed_batch(plan.present)
         work = _writable(result, self.lora_A[plan.present[0]].weight.dtype, self._inplace)
         for u, name in enumerate(plan.present):
             rows = (plan.index == u).nonzero().squeeze(1)
