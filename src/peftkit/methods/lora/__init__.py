@@ -36,6 +36,7 @@ from .quantized import QuantLinear
 from .replication import check_merge, prepare_model
 from .tied import convert_checkpoint, export_tied_keys, resolve_config
 from .tokens import add_token_layers, check_trainable_tokens
+from .variants import VARIANT_FIELDS
 
 _LAYER_CLASSES: dict[str, type[LoraLayer]] = {LINEAR: Linear, HF_CONV1D: Linear, EMBEDDING: Embedding, CONV: Conv,
                                               QUANT_LINEAR: QuantLinear, MHA: MultiheadAttention}
@@ -197,9 +198,8 @@ def _update(layer: LoraLayer, options: dict[str, Any], config: LoraConfig, adapt
         init_lora_weights=resolve_init(config),
         use_rslora=config.use_rslora,
         lora_bias=config.lora_bias,
-        use_dora=config.use_dora,
-        alora_invocation_tokens=config.alora_invocation_tokens,
         dtype=dtype,
+        **{name: getattr(config, name) for name in VARIANT_FIELDS},  # the fields selecting a variant (DoRA, ...)
     )
     mark_frozen_weights(layer, adapter_name, config.init_lora_weights)  # MiCA trains lora_A only
 

@@ -15,6 +15,7 @@ without a variant: an adapter with one always runs through :meth:`LoraVariant.fo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -99,20 +100,20 @@ class DoraVariant(LoraVariant):
             base.weight.data.copy_(layer._dora_view(old))
 
 
-def variant_for(layer: LoraLayer, use_dora: bool = False, alora_invocation_tokens: list[int] | None = None,
-                **options: Any) -> LoraVariant | None:
-    """The variant of a new adapter of ``layer`` from its update options (the config fields that select one), or
-    None for plain LoRA. Raises :class:`ConfigError` (``ValueError``, as the reference) for a combination of variants
-    or a layer kind the variant does not support."""
-    requested = [name for name, value in (("use_dora", use_dora), ("alora_invocation_tokens", alora_invocation_tokens))
-                 if value]
+#: the config fields that select a variant, each with its factory ``(layer, value) -> LoraVariant`` (a falsy value
+#: selects nothing). A new variant adds its entry here (the layer code never names a variant).
+VARIANT_FIELDS: dict[str, Callable[[LoraLayer, Any], LoraVariant]] = {}
+
+
+def variant_for(layer: LoraLayer, **options: Any) -> LoraVariant | None:
+    """The variant of a new adapter of ``layer`` from its update options (the config fields of
+    :data:`VARIANT_FIELDS`; other options are ignored), or None for plain LoRA. Raises :class:`ConfigError`
+    (``ValueError``, as the reference) for a combination of variants or a layer kind the variant does not support."""
+    requested = [name for name in VARIANT_FIELDS if options.get(name)]
     if len(requested) > 1:
-        raise ConfigError(requested[0], True, f"the LoRA variants {requested} cannot be combined; choose one")
-    if use_dora:
-        return DoraVariant()
-    if alora_invocation_tokens:
-        return _alora_variant(layer, alora_invocation_tokens)
-    return None
+        raise ConfigError(requested[0], options[requested[0]],
+                          f"the LoRA variants {requested} cannot be combined; choose one")
+    return VARIANT_FIELDS[requested[0]](layer, options[requested[0]]) if requested else None
 
 
 def _alora_variant(layer: LoraLayer, tokens: list[int]) -> LoraVariant:
@@ -125,3 +126,9 @@ def _alora_variant(layer: LoraLayer, tokens: list[int]) -> LoraVariant:
                           f"a target is a {kind} ({type(layer).__name__}). Exclude it from target_modules or set "
                           "alora_invocation_tokens=None")
     return ALoraVariant()
+
+
+VARIANT_FIELDS.update({
+    "use_dora": lambda layer, value: DoraVariant(),
+    "alora_invocation_tokens": _alora_variant,
+})
