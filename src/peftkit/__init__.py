@@ -50,12 +50,15 @@ from .methods.ia3 import IA3Config
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
 from .methods.lora import LoraConfig
+from .methods.lora.arrow import ArrowConfig, create_arrow_model
+from .methods.lora.bdlora import BdLoraConfig
 from .methods.lora.config import LoraRuntimeConfig
 from .methods.lora.conversion import convert_to_lora, save_as_lora
 from .methods.lora.corda import CordaConfig, preprocess_corda
 from .methods.lora.eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights
 from .methods.lora.loftq import LoftQConfig, replace_lora_weights_loftq
 from .methods.lora.loraga import LoraGAConfig, preprocess_loraga
+from .methods.lora.monteclora import MontecloraConfig
 from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .methods.prompt import PromptLearningConfig
@@ -115,6 +118,7 @@ __all__ = [
     "AdapterLoadError",
     "AdapterMismatchError",
     "AdapterNotFoundError",
+    "ArrowConfig",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
     "AutoPeftModelForFeatureExtraction",
@@ -123,6 +127,7 @@ __all__ = [
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
     "BaseTunerLayer",
+    "BdLoraConfig",
     "ConfigError",
     "CordaConfig",
     "EvaConfig",
@@ -141,6 +146,7 @@ __all__ = [
     "MergeError",
     "MethodSpec",
     "ModulesToSaveWrapper",
+    "MontecloraConfig",
     "NoMatchingPeftModuleError",
     "PeftConfig",
     "PeftError",
@@ -178,6 +184,7 @@ __all__ = [
     "attach_adalora",
     "cast_mixed_precision_params",
     "convert_to_lora",
+    "create_arrow_model",
     "get_base_model_state_dict",
     "get_eva_state_dict",
     "get_layer_status",

@@ -7,6 +7,7 @@
 - ``disable_input_dtype_casting``: a context manager turning off the cast of layer inputs to the adapter dtype.
 - ``cast_mixed_precision_params``: frozen parameters to half precision, trainable ones to float32.
 - ``shift_tokens_right``: decoder inputs from labels (BART's helper).
+- ``MontecloraTrainerMixin``: a ``Trainer`` mixin adding the MonteCLoRA variational loss to the task loss.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from collections import namedtuple
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -272,8 +274,30 @@ def shift_tokens_right(input_ids: torch.Tensor, pad_token_id: int, decoder_start
     return shifted.masked_fill_(shifted == -100, pad_token_id)
 
 
+class MontecloraTrainerMixin:
+    """The reference's mixin for a ``transformers.Trainer`` subclass (``class MyTrainer(MontecloraTrainerMixin,
+    Trainer)``): ``compute_loss`` adds the MonteCLoRA variational loss (``_get_monteclora_loss()`` of each LoRA
+    tuner in the model, averaged over the tuners when there are several) to the task loss; a no-op without
+    MonteCLoRA adapters."""
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        """The parent's loss (and outputs with ``return_outputs``) plus the variational loss."""
+        parent = super().compute_loss  # type: ignore[misc]
+        if return_outputs:
+            task_loss, outputs = parent(model, inputs, return_outputs=True, **kwargs)
+        else:
+            task_loss, outputs = parent(model, inputs, return_outputs=False, **kwargs), None
+        terms = [m._get_monteclora_loss() for m in model.modules()
+                 if callable(getattr(type(m), "_get_monteclora_loss", None))]
+        extra = sum(terms) / len(terms) if len(terms) > 1 else (terms[0] if terms else 0.0)
+        total = task_loss + extra
+        return (total, outputs) if return_outputs else total
+
+
 __all__ = [
     "IncompatibleKeys",
+    "MontecloraTrainerMixin",
     "NoScalingLayersError",
     "cast_mixed_precision_params",
     "check_if_peft_model",

@@ -17,6 +17,7 @@ from ...registry import MethodSpec, register_method
 from ...target_tables import default_lora_targets
 from ...types import PeftType
 from .alora import ALoraTunerMixin
+from .bdlora import bdlora_choice
 from .combine import add_weighted_adapter
 from .config import LoraConfig
 from .convert import convert_initial_weights
@@ -29,8 +30,10 @@ from .init import (
     resolve_init,
     uses_base_weight,
 )
+from .kasa import KasaTunerMixin, check_kasa_mixing
 from .layers import Conv, Embedding, Linear, LoraLayer
 from .mha import MultiheadAttention, check_mha
+from .monteclora import MontecloraTunerMixin, warn_quantized_targets
 from .param import ParamLayer
 from .quantized import QuantLinear
 from .replication import check_merge, prepare_model
@@ -43,13 +46,7 @@ _LAYER_CLASSES: dict[str, type[LoraLayer]] = {LINEAR: Linear, HF_CONV1D: Linear,
 
 #: config fields peftkit accepts (for file compatibility) but does not implement yet, with their inert values
 _NOT_YET: dict[str, tuple[object, ...]] = {
-    "use_qalora": (False,),
     "megatron_config": (None,),
-    "velora_config": (None,),
-    "monteclora_config": (None,),
-    "arrow_config": (None,),
-    "kasa_config": (None,),
-    "use_bdlora": (None, False),
 }
 
 
@@ -81,6 +78,9 @@ def _layer_options(name: str, module: nn.Module, config: PeftConfig) -> dict[str
         "r": r,
         "lora_alpha": pattern_value(config.alpha_pattern, name, config.lora_alpha),
         "fan_in_fan_out": kind == HF_CONV1D,
+        # BD-LoRA: which factor of this target is block-diagonal (only listed when use_bdlora is set)
+        **({"use_bdlora": bdlora_choice(name, kind == LINEAR, getattr(base, "in_features", 0),
+                                        getattr(base, "out_features", 0), r, config)} if config.use_bdlora else {}),
     }
 
 
@@ -199,7 +199,8 @@ def _update(layer: LoraLayer, options: dict[str, Any], config: LoraConfig, adapt
         use_rslora=config.use_rslora,
         lora_bias=config.lora_bias,
         dtype=dtype,
-        **{name: getattr(config, name) for name in VARIANT_FIELDS},  # the fields selecting a variant (DoRA, ...)
+        # the fields selecting a variant (DoRA, ...); a per-layer value in the layer options wins (BD-LoRA's choice)
+        **{name: options.get(name, getattr(config, name)) for name in VARIANT_FIELDS},
     )
     mark_frozen_weights(layer, adapter_name, config.init_lora_weights)  # MiCA trains lora_A only
 
@@ -215,12 +216,14 @@ def _check_config(config: PeftConfig, model: nn.Module) -> None:
         raise ConfigError("init_lora_weights", config.init_lora_weights,
                           f"peftkit implements {list(SUPPORTED_INITS)} so far")
     check_trainable_tokens(config, model)  # trainable_token_indices / ensure_weight_tying against the model
+    check_kasa_mixing(config.kasa_config, model)  # KaSA rewrites the base: KaSA adapters only, or none
 
 
 def _check_plan(config: PeftConfig, planned: Sequence[tuple[str, nn.Module]]) -> None:
     """Warn (once, naming them) about targeted layers without a bias when ``lora_bias=True``: the reference warns
     per layer that merging is then impossible (``lora.layer.LoraLayer.update_layer``)."""
     assert isinstance(config, LoraConfig)
+    warn_quantized_targets(config, planned)  # MonteCLoRA: quantized layers get plain LoRA, as the reference
     if not config.lora_bias:
         return
     no_bias = [name for name, module in planned if hasattr(_base(module), "bias") and _base(module).bias is None]
@@ -254,6 +257,7 @@ LORA = register_method(
             {"r": 2, "lora_alpha": 4, "init_lora_weights": "gaussian", "bias": "lora_only"},
             {"r": 4, "lora_alpha": 8, "bias": "all", "lora_bias": False},
             {"r": 4, "lora_alpha": 8, "use_dora": True, "lora_dropout": 0.1},
+            {"r": 4, "lora_alpha": 8, "monteclora_config": {"num_samples": 2, "buffer_size": 1}},
         ),
         non_identity_kwargs={"init_lora_weights": False},
         combine=add_weighted_adapter,
@@ -269,9 +273,11 @@ LORA = register_method(
         check_merge=check_merge,
         extra_layers=add_token_layers,
         handles_tied_embeddings=lambda config: bool(getattr(config, "ensure_weight_tying", False)),
-        tuner_mixin=ALoraTunerMixin,  # aLoRA: forward / generate hand the invocation offsets to the layers
+        # aLoRA: forward / generate hand the invocation offsets to the layers; KaSA: _get_kasa_loss
+        tuner_mixin=type("LoraTunerMixin", (ALoraTunerMixin, KasaTunerMixin, MontecloraTunerMixin), {}),
         init_allocates=lambda config: (uses_base_weight(getattr(config, "init_lora_weights", True))
-                                       or bool(getattr(config, "use_dora", False))),
+                                       or bool(getattr(config, "use_dora", False))
+                                       or getattr(config, "kasa_config", None) is not None),
     )
 )
 

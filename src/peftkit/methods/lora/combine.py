@@ -357,6 +357,10 @@ def add_weighted_adapter(
     A single source is always combined ``linear``-ly, as in the reference. The new adapter is added inactive.
     """
     combination = _check_options(combination_type, svd_rank, svd_clamp, density, majority_sign_method)
+    bd = [a for a in adapters if getattr(tuner.peft_config[a], "use_bdlora", None)]
+    if bd:  # block-diagonal factors cannot hold a combined (dense) update
+        raise ConfigError("use_bdlora", tuner.peft_config[bd[0]].use_bdlora,
+                          f"add_weighted_adapter cannot combine BD-LoRA adapters {bd}; use merge_and_unload instead")
     if len(adapters) == 1:
         combination_type, combination = "linear", COMBINATIONS["linear"]
     wrappers = [(n, m) for n, m in tuner.adapter_modules() if isinstance(m, ModulesToSaveWrapper)]

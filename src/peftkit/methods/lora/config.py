@@ -8,13 +8,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Self
 
-from ...config import PeftConfig, as_set, check, is_int, is_number
+from ...config import PeftConfig, as_set, as_subconfig, check, is_int, is_number
 from ...errors import ConfigTypeError, PeftWarning
 from ...types import PeftType
+from .arrow import ArrowConfig, as_arrow_config
+from .bdlora import BdLoraConfig, as_bdlora_config
 from .corda import CordaConfig, as_corda_config
 from .eva import EvaConfig, eva_subconfig
+from .kasa import KasaConfig
 from .loftq import LoftQConfig, check_loftq_config
 from .loraga import LoraGAConfig, as_lora_ga_config
+from .monteclora import MontecloraConfig, as_monteclora_config
+from .qalora import check_qalora
+from .velora import VeloraConfig
 
 #: ``init_lora_weights`` values the reference accepts (``pissa_niter_<k>`` too).
 INIT_CHOICES = (True, False, "gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "mica", "lora_ga")
@@ -71,11 +77,11 @@ class LoraConfig(PeftConfig):
     corda_config: CordaConfig | dict[str, Any] | None = None
     lora_ga_config: LoraGAConfig | dict[str, Any] | None = None
     use_dora: bool = False
-    velora_config: dict[str, Any] | None = None
-    monteclora_config: dict[str, Any] | None = None
-    arrow_config: dict[str, Any] | None = None
-    kasa_config: dict[str, Any] | None = None
-    use_bdlora: dict[str, Any] | bool | None = None
+    velora_config: VeloraConfig | dict[str, Any] | None = None
+    monteclora_config: MontecloraConfig | dict[str, Any] | None = None
+    arrow_config: ArrowConfig | dict[str, Any] | None = None
+    kasa_config: KasaConfig | dict[str, Any] | None = None
+    use_bdlora: BdLoraConfig | dict[str, Any] | bool | None = None
     alora_invocation_tokens: list[int] | None = None
     use_qalora: bool = False
     qalora_group_size: int = 16
@@ -169,6 +175,8 @@ class LoraConfig(PeftConfig):
               "init_lora_weights='mica' (a LoRA variant in the reference) cannot be combined with use_dora=True")
         _check_trainable_token_indices(self.trainable_token_indices)
         _check_alora(self)
+        check_qalora(self)  # use_qalora / qalora_group_size (plain LoRA on the layers peftkit adapts)
+        self.use_bdlora = as_bdlora_config(self.use_bdlora)  # a dict (loaded file) becomes a BdLoraConfig
 
     def _validate_layers(self) -> None:
         ltt = self.layers_to_transform
@@ -188,7 +196,11 @@ def _init_subconfigs(config: LoraConfig) -> None:
     """As the reference: ``corda_config`` / ``lora_ga_config`` given as dicts (a loaded ``adapter_config.json``)
     become their dataclasses; ``init_lora_weights="corda"`` without a ``corda_config`` gets the default one (warned)."""
     config.corda_config = as_corda_config(config.corda_config)  # type: ignore[assignment]
+    config.arrow_config = as_arrow_config(config.arrow_config)  # type: ignore[assignment]
+    config.kasa_config = as_subconfig("kasa_config", config.kasa_config, KasaConfig)  # type: ignore[assignment]
+    config.velora_config = as_subconfig("velora_config", config.velora_config, VeloraConfig)  # type: ignore[assignment]
     config.lora_ga_config = as_lora_ga_config(config.lora_ga_config)  # type: ignore[assignment]
+    config.monteclora_config = as_monteclora_config(config.monteclora_config)  # type: ignore[assignment]
     config.eva_config = eva_subconfig(config.eva_config, config.init_lora_weights)  # type: ignore[assignment]
     if config.init_lora_weights == "corda" and config.corda_config is None:
         warnings.warn("init_lora_weights='corda' but corda_config is not given; using the default CordaConfig()",

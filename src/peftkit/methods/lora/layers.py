@@ -213,7 +213,7 @@ class LoraLayer(AdapterLayer):
         ``V <- (m / ‖V + ΔV‖) * (V + ΔV)`` in the norm view)."""
         for name in self._adapters_to_merge(adapter_names):
             variant = self._variants.get(name)
-            if variant is None:
+            if variant is None or variant.plain_merge:
                 super().merge(safe_merge, [name])
                 continue
             variant.merge(self, name, safe_merge)
@@ -225,7 +225,7 @@ class LoraLayer(AdapterLayer):
         while self.merged_adapters:
             name = self.merged_adapters[-1]
             variant = self._variants.get(name)
-            if variant is None:
+            if variant is None or variant.plain_merge:
                 _unmerge_last_additive(self)
                 continue
             self.merged_adapters.pop()
@@ -298,9 +298,11 @@ class LoraLayer(AdapterLayer):
                 self.scaling[name] /= scale
 
     def _delta_product(self, adapter_name: str) -> torch.Tensor:
-        """``scaling * B @ A`` as ``(out, in)`` in float32 when the weights are half precision on CPU."""
-        A = self.lora_A[adapter_name].weight
-        B = self.lora_B[adapter_name].weight
+        """``scaling * B @ A`` as ``(out, in)`` in float32 when the weights are half precision on CPU. A factor module
+        whose stored ``weight`` is not its matrix (BD-LoRA's block-diagonal factors) gives it by ``dense_weight()``."""
+        A_mod, B_mod = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        A = A_mod.dense_weight() if hasattr(A_mod, "dense_weight") else A_mod.weight
+        B = B_mod.dense_weight() if hasattr(B_mod, "dense_weight") else B_mod.weight
         cast = A.device.type == "cpu" and A.dtype in (torch.float16, torch.bfloat16)
         if cast:
             A, B = A.float(), B.float()

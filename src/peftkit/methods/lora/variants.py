@@ -38,6 +38,9 @@ class LoraVariant:
     #: whether :meth:`merge` can write the adapter into the base weight; when False, merging refuses before any
     #: layer changes (:meth:`refuse_merge`)
     mergeable: bool = True
+    #: whether the adapter merges as plain LoRA (``W += ΔW`` from the layer's ``get_delta_weight``, and the LoRA
+    #: bias): the layer then merges and unmerges it itself and :meth:`merge` / :meth:`unmerge` are not called
+    plain_merge: bool = False
 
     def init(self, layer: LoraLayer, adapter_name: str) -> None:
         """Create the variant's own state on ``layer`` once ``lora_A`` / ``lora_B`` exist."""
@@ -128,7 +131,31 @@ def _alora_variant(layer: LoraLayer, tokens: list[int]) -> LoraVariant:
     return ALoraVariant()
 
 
+def _lazy(module: str, name: str) -> Any:
+    """``name`` from the sibling module ``module``, imported on first use (variant modules import this one)."""
+    import importlib
+
+    return getattr(importlib.import_module(f"{__package__}.{module}"), name)
+
+
+def _arrow_variant(layer: LoraLayer, config: Any) -> LoraVariant:
+    from .arrow import arrow_variant
+
+    return arrow_variant(layer, config)
+
+
+def _bdlora_variant(layer: LoraLayer, value: Any) -> LoraVariant:
+    from .bdlora import bdlora_variant  # imported late: bdlora imports this module
+
+    return bdlora_variant(layer, value)
+
+
 VARIANT_FIELDS.update({
     "use_dora": lambda layer, value: DoraVariant(),
     "alora_invocation_tokens": _alora_variant,
+    "use_bdlora": _bdlora_variant,
+    "arrow_config": _arrow_variant,
+    "monteclora_config": lambda layer, value: _lazy("monteclora", "monteclora_variant")(layer, value),
+    "kasa_config": lambda layer, value: _lazy("kasa", "kasa_variant")(layer, value),
+    "velora_config": lambda layer, value: _lazy("velora", "velora_variant")(layer, value),
 })
