@@ -250,7 +250,12 @@ def test_train_every_task(task: str, work: Path, bert_dir: Path) -> None:
                                           - {"trainable-tokens"} | {"dora"}))
 def test_train_every_registered_method(method: str, work: Path, llama_dir: Path, lm_data: Path) -> None:
     out = work / f"method-{method}"
-    prompt = ["--num-virtual-tokens", "4"] if "tuning" in method else []
+    prompt = ["--num-virtual-tokens", "4"] if "tuning" in method and method != "ln-tuning" else []
+    prompt += {"road": ["--option", "group_size=8"]}.get(method, [])  # RoAd's default 64 does not divide 32 features
+    prompt += {"psoft": ["--r", "8"]}.get(method, [])  # PSOFT's default r=32 exceeds the tiny Llama's 16 kv features
+    prompt += {"miss": ["--r", "8"]}.get(method, [])  # MiSS's default r=64 exceeds the tiny Llama's 32 features
+    prompt += {"fourierft": ["--option", "n_frequency=64"]}.get(method, [])  # default 1000 > a 16x32 weight's entries
+    prompt += {"vblora": ["--option", "vector_length=16"]}.get(method, [])  # default 256 does not divide 32 / 16 features
     cli("train", "--model", llama_dir, "--data", lm_data, "--method", method, "--max-steps", "2", "--batch-size",
         "2", "--lr", "1e-2", *prompt, "--output", out, "--no-progress")
     config = json.loads((out / "adapter_config.json").read_text())
@@ -258,7 +263,7 @@ def test_train_every_registered_method(method: str, work: Path, llama_dir: Path,
     assert config.get("use_dora", False) == (method == "dora")
     info = json.loads(cli("inspect", out, "--json"))
     assert info["parameters"] > 0
-    if "tuning" not in method:  # adapter methods: one strength per adapted module, finite
+    if "tuning" not in method or method == "ln-tuning":  # adapter methods: one strength per adapted module, finite
         assert info["adapted_modules"] >= 4 and all(math.isfinite(x["norm"]) for x in info["layers"])
     else:
         assert info["num_virtual_tokens"] == 4 and info["adapted_modules"] == 0

@@ -21,7 +21,13 @@ import peftkit
 from peftkit.errors import AdapterLoadError, ConfigError, PeftWarning
 from peftkit.methods.lora.tied import TiedFactor, TiedLinear
 from peftkit.ops.lora_fused import dropout_mask
-from tests.models import tiny_gpt2, tiny_llama
+from tests.lora_variant_helpers import logits as _logits
+from tests.lora_variant_helpers import perturb_adapter
+from tests.lora_variant_helpers import quiet as _quiet
+from tests.lora_variant_helpers import saved_keys as _keys
+from tests.lora_variant_helpers import tiny_llama_tied as _model
+from tests.lora_variant_helpers import token_ids as _inputs
+from tests.models import tiny_gpt2
 from tests.numerics import TINY_MODEL_REDUCTION, fp_tol
 
 peft = pytest.importorskip("peft")
@@ -38,48 +44,13 @@ TARGETS = [["q_proj", "embed_tokens"], ["q_proj", "lm_head"], ["lm_head"], "q_pr
 IDS = ["embed", "head", "head-only", "regex-embed", "regex-head"]
 
 
-def _model(tied: bool = True) -> nn.Module:
-    torch.manual_seed(0)
-    model = tiny_llama()
-    if tied:
-        model.config.tie_word_embeddings = True
-        model.tie_weights()
-        assert model.lm_head.weight is model.model.embed_tokens.weight
-    return model.eval()
+def _perturb(model: nn.Module, seed: int = 1) -> None:
+    """Make every LoRA tensor non-trivial (each storage once: the reference's head factors view the embedding's)."""
+    perturb_adapter(model, seed, 0.5, ("lora_",))
 
 
 def _config(lib: object, targets: object, ewt: bool = True, **kwargs: object) -> object:
     return lib.LoraConfig(target_modules=targets, ensure_weight_tying=ewt, r=4, lora_alpha=8, **kwargs)
-
-
-def _quiet(fn, *args, **kwargs):  # the reference warns (deprecations, save_embedding_layers)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
-
-
-def _inputs() -> torch.Tensor:
-    return torch.tensor([[1, 3, 7, 5, 60, 9], [60, 2, 3, 4, 5, 6]])
-
-
-def _perturb(model: nn.Module, seed: int = 1) -> None:
-    """Make every LoRA tensor non-trivial (each storage once: the reference's head factors view the embedding's)."""
-    gen = torch.Generator().manual_seed(seed)
-    seen: set[int] = set()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name and param.untyped_storage().data_ptr() not in seen:
-                seen.add(param.untyped_storage().data_ptr())
-                param.add_(torch.randn(param.shape, generator=gen) * 0.5)
-
-
-def _logits(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(_inputs()).logits
-
-
-def _keys(path: str) -> set[str]:
-    return set(load_file(os.path.join(path, "adapter_model.safetensors")))
 
 
 def _stored_targets(path: str) -> object:

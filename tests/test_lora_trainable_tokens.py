@@ -4,18 +4,21 @@ input/output embeddings; the saved keys are the reference's (``<module>.token_ad
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 import peftkit
 from peftkit.errors import ConfigError, ConfigTypeError, NoMatchingPeftModuleError
 from peftkit.methods.trainable_tokens import TrainableTokensLayer
-from tests.models import tiny_llama
+from tests.lora_variant_helpers import logits as _logits
+from tests.lora_variant_helpers import perturb_adapter
+from tests.lora_variant_helpers import quiet as _quiet
+from tests.lora_variant_helpers import saved_keys as _keys
+from tests.lora_variant_helpers import tiny_llama_tied as _model
+from tests.lora_variant_helpers import token_ids as _inputs
 from tests.numerics import TINY_MODEL_REDUCTION, fp_tol
 
 peft = pytest.importorskip("peft")
@@ -43,49 +46,14 @@ CASES = [
 IDS = ["list", "list-ewt", "dict", "dict-ewt", "both", "both-ewt", "both-different"]
 
 
-def _model(tied: bool) -> nn.Module:
-    torch.manual_seed(0)
-    model = tiny_llama()
-    if tied:
-        model.config.tie_word_embeddings = True
-        model.tie_weights()
-        assert model.lm_head.weight is model.model.embed_tokens.weight
-    return model.eval()
+def _perturb(model: nn.Module, seed: int = 1) -> None:
+    """Make every adapter tensor non-trivial (token rows and both LoRA factors)."""
+    perturb_adapter(model, seed, 0.5, ("trainable_tokens_delta", "lora_"))
 
 
 def _config(lib: object, indices: object, ewt: bool, **kwargs: object) -> object:
     return lib.LoraConfig(target_modules=["q_proj"], trainable_token_indices=indices, ensure_weight_tying=ewt,
                           **kwargs)
-
-
-def _inputs() -> torch.Tensor:
-    return torch.tensor([[1, 3, 7, 5, 60, 9], [60, 2, 3, 4, 5, 6]])
-
-
-def _perturb(model: nn.Module, seed: int = 1) -> None:
-    """Make every adapter tensor non-trivial (token rows and both LoRA factors)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        seen: set[int] = set()
-        for name, param in model.named_parameters():
-            if ("trainable_tokens_delta" in name or "lora_" in name) and id(param) not in seen:
-                seen.add(id(param))
-                param.add_(torch.randn(param.shape, generator=gen) * 0.5)
-
-
-def _logits(model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model(_inputs()).logits
-
-
-def _keys(path: str) -> set[str]:
-    return set(load_file(os.path.join(path, "adapter_model.safetensors")))
-
-
-def _quiet(fn, *args, **kwargs):  # the reference warns about ensure_weight_tying on untied models
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return fn(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------------ structure

@@ -5,12 +5,20 @@ against the reference both ways, gradients included."""
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from lora_variant_helpers import (
+    WEIGHTS,
+    check_merge_matches_reference,
+    check_save_load_round_trip,
+    perturb_adapter,
+    randn,
+    saved_config,
+    two_linear,
+)
 from numerics import fp_tol
 from safetensors.torch import load_file
 from torch import nn
@@ -20,31 +28,18 @@ from peftkit.errors import ConfigError
 
 peft = pytest.importorskip("peft")
 
-WEIGHTS = "adapter_model.safetensors"
 # same float32 math in both libraries, different summation order: reductions of at most 10 + 6 features, the rank
 # and the 5 * 3 tokens summed in a weight gradient
 TOL = fp_tol(torch.float32, 64)
 
 
-class MLP(nn.Module):
+def _model() -> nn.Module:
     """``x: (N, T, 10) -> (N, T, 4)``; 10 input features in 3 groups of 4 (2 padded), 6 in 4 groups of 2."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(10, 6)
-        self.fc2 = nn.Linear(6, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
-def _model() -> MLP:
-    torch.manual_seed(0)
-    return MLP()
+    return two_linear(10, 6, 4)
 
 
 def _inputs() -> torch.Tensor:
-    return torch.randn(5, 3, 10, generator=torch.Generator().manual_seed(1))
+    return randn(5, 3, 10)
 
 
 def _sub(**kw: object) -> dict[str, object]:
@@ -56,11 +51,7 @@ def _kw(**extra: object) -> dict[str, object]:
 
 
 def _perturb(model: nn.Module) -> None:
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_" in name:
-                param.add_(torch.randn(param.shape, generator=gen) * 0.3)
+    perturb_adapter(model, seed=3, scale=0.3)
 
 
 def _peftkit_model(**sub: object) -> nn.Module:
@@ -133,9 +124,7 @@ def test_saved_keys_shapes_and_config_match_reference(tmp_path: Path) -> None:
     a, b = load_file(tmp_path / "ours" / WEIGHTS), load_file(tmp_path / "ref" / WEIGHTS)
     assert {k: v.shape for k, v in a.items()} == {k: v.shape for k, v in b.items()}
     assert a["base_model.model.fc1.lora_velora_embed"].shape == (4,)
-    cfg_a = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    cfg_b = json.loads((tmp_path / "ref" / "adapter_config.json").read_text())
-    assert cfg_a["velora_config"] == cfg_b["velora_config"] == _sub()
+    assert saved_config(tmp_path / "ours")["velora_config"] == saved_config(tmp_path / "ref")["velora_config"] == _sub()
 
 
 @pytest.mark.parametrize("init_type", ["batch_average", "batch_average_once", "random"])
@@ -186,35 +175,20 @@ def test_batch_average_once_keeps_first_projection() -> None:
 def test_save_load_round_trip(tmp_path: Path) -> None:
     model = _peftkit_model(init_type="random")
     _perturb(model)
-    model.save_pretrained(tmp_path)
-    x = _inputs()
-    with torch.no_grad():
-        expected = model(x)
-    for trainable, low_mem in ((False, False), (True, False), (False, True)):
-        loaded = peftkit.PeftModel.from_pretrained(_model(), tmp_path, is_trainable=trainable,
-                                                   low_cpu_mem_usage=low_mem)
-        with torch.no_grad():
-            torch.testing.assert_close(loaded(x), expected, atol=0, rtol=0)
+    for loaded in check_save_load_round_trip(model, _model, _inputs(), tmp_path):
         assert torch.equal(loaded.base_model.model.fc1.lora_velora_embed["default"],
                            model.base_model.model.fc1.lora_velora_embed["default"])
-        assert isinstance(loaded.peft_config["default"].velora_config, peftkit.methods.lora.velora.VeloraConfig)
+        assert isinstance(loaded.peft_config["default"].velora_config, peftkit.VeloraConfig)
 
 
 def test_merge_and_unload_matches_reference(tmp_path: Path) -> None:
     model = _peftkit_model()
     _perturb(model)
-    x = _inputs()
-    model.save_pretrained(tmp_path)
-    with torch.no_grad():
-        expected = model(x)
-        model.merge_adapter()
-        torch.testing.assert_close(model(x), expected, **TOL)
-        model.unmerge_adapter()
-        torch.testing.assert_close(model(x), expected, **TOL)
-        ours = model.merge_and_unload(safe_merge=True)(x)
-        ref = peft.PeftModel.from_pretrained(_model(), tmp_path).merge_and_unload()(x)
-    torch.testing.assert_close(ours, expected, **TOL)
-    torch.testing.assert_close(ours, ref, **TOL)
+
+    def same_outputs(model: nn.Module, expected: torch.Tensor) -> None:
+        torch.testing.assert_close(model(_inputs()), expected, **TOL)
+
+    check_merge_matches_reference(model, _model, _inputs(), tmp_path, TOL, same_outputs)
 
 
 def test_delete_adapter_removes_embed() -> None:
@@ -253,3 +227,38 @@ def test_backward_record_is_compressed() -> None:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         VeloraLinearFn.apply(x, weight, embed, 3, 1.0).sum().backward()
     assert sorted(saved) == sorted([(64, 3), (2, 10), (4,)])
+
+
+@pytest.mark.parametrize("direction", ["peftkit_to_peft", "peft_to_peftkit"])
+def test_velora_config_class_round_trips_with_reference(tmp_path: Path, direction: str) -> None:
+    """``peftkit.VeloraConfig`` is accepted where the dict is, saved as the reference saves its ``VeloraConfig``, and
+    a config saved by either library loads in the other as that library's class with the same values."""
+    ours = peftkit.LoraConfig(**_kw(velora_config=peftkit.VeloraConfig(**_sub())))
+    assert ours.velora_config == peftkit.VeloraConfig(3, 1.5, "batch_average") == peftkit.LoraConfig(
+        **_kw(velora_config=_sub())).velora_config
+    if direction == "peftkit_to_peft":
+        peftkit.get_peft_model(_model(), ours).save_pretrained(tmp_path)
+        loaded = peft.LoraConfig.from_pretrained(tmp_path).velora_config
+        assert loaded == peft.VeloraConfig(**_sub())
+    else:
+        peft.get_peft_model(_model(), peft.LoraConfig(**_kw(velora_config=peft.VeloraConfig(**_sub())))
+                            ).save_pretrained(tmp_path)
+        loaded = peftkit.LoraConfig.from_pretrained(tmp_path).velora_config
+        assert type(loaded) is peftkit.VeloraConfig and loaded == peftkit.VeloraConfig(**_sub())
+    assert saved_config(tmp_path)["velora_config"] == _sub()
+
+
+@pytest.mark.parametrize(("kwargs", "error", "builtin"), [
+    ({"num_groups": 0}, ConfigError, ValueError),  # the reference: ValueError
+    ({"scale": -1.0}, ConfigError, ValueError),
+    ({"init_type": "mean"}, ConfigError, ValueError),
+    ({"num_groups": "4"}, peftkit.errors.ConfigTypeError, TypeError),  # the reference: TypeError from `"4" <= 0`
+    ({"scale": None}, peftkit.errors.ConfigTypeError, TypeError),
+])
+def test_velora_config_validation_is_typed(kwargs: dict[str, object], error: type, builtin: type) -> None:
+    with pytest.raises(builtin):
+        peft.VeloraConfig(**kwargs)
+    name = next(iter(kwargs))
+    with pytest.raises(error, match=f"velora_config.{name}") as info:
+        peftkit.VeloraConfig(**kwargs)  # type: ignore[arg-type]
+    assert isinstance(info.value, builtin)

@@ -46,7 +46,11 @@ from .mapping import (
     inject_adapter_in_model,
 )
 from .methods.adalora import AdaLoraConfig, AdaLoraStepHook, attach_adalora
+from .methods.boft import BOFTConfig
+from .methods.fourierft import FourierFTConfig
+from .methods.hra import HRAConfig
 from .methods.ia3 import IA3Config
+from .methods.ln_tuning import LNTuningConfig
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
 from .methods.lora import LoraConfig
@@ -56,14 +60,23 @@ from .methods.lora.config import LoraRuntimeConfig
 from .methods.lora.conversion import convert_to_lora, save_as_lora
 from .methods.lora.corda import CordaConfig, preprocess_corda
 from .methods.lora.eva import EvaConfig, get_eva_state_dict, initialize_lora_eva_weights
+from .methods.lora.kasa import KasaConfig
 from .methods.lora.loftq import LoftQConfig, replace_lora_weights_loftq
 from .methods.lora.loraga import LoraGAConfig, preprocess_loraga
 from .methods.lora.monteclora import MontecloraConfig
+from .methods.lora.velora import VeloraConfig
+from .methods.miss import MissConfig
+from .methods.oft import OFTConfig
+from .methods.osf import OSFConfig
 from .methods.p_tuning import PromptEncoder, PromptEncoderConfig, PromptEncoderReparameterizationType
 from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .methods.prompt import PromptLearningConfig
 from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
+from .methods.psoft import PsoftConfig
+from .methods.road import RoadConfig
 from .methods.trainable_tokens import TrainableTokensConfig
+from .methods.vblora import VBLoRAConfig
+from .methods.vera import VeraConfig
 from .mixed_model import PeftMixedModel
 from .peft_model import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
@@ -90,9 +103,20 @@ BaseTunerLayer = AdapterLayer
 LoraModel = tuner_class("LORA")
 IA3Model = tuner_class("IA3")
 LoHaModel = tuner_class("LOHA")
+VeraModel = tuner_class("VERA")
+OFTModel = tuner_class("OFT")
 LoKrModel = tuner_class("LOKR")
 AdaLoraModel = tuner_class("ADALORA")
+BOFTModel = tuner_class("BOFT")
 TrainableTokensModel = tuner_class("TRAINABLE_TOKENS")
+PsoftModel = tuner_class("PSOFT")
+OSFModel = tuner_class("OSF")
+HRAModel = tuner_class("HRA")
+MissModel = tuner_class("MISS")
+RoadModel = tuner_class("ROAD")
+VBLoRAModel = tuner_class("VBLORA")
+LNTuningModel = tuner_class("LN_TUNING")
+FourierFTModel = tuner_class("FOURIERFT")
 
 
 def __getattr__(name: str) -> object:
@@ -126,14 +150,23 @@ __all__ = [
     "AutoPeftModelForSeq2SeqLM",
     "AutoPeftModelForSequenceClassification",
     "AutoPeftModelForTokenClassification",
+    "BOFTConfig",
+    "BOFTModel",
     "BaseTunerLayer",
     "BdLoraConfig",
     "ConfigError",
     "CordaConfig",
     "EvaConfig",
+    "FourierFTConfig",
+    "FourierFTModel",
     "GroupedConvMergeError",
+    "HRAConfig",
+    "HRAModel",
     "IA3Config",
     "IA3Model",
+    "KasaConfig",
+    "LNTuningConfig",
+    "LNTuningModel",
     "LoHaConfig",
     "LoHaModel",
     "LoKrConfig",
@@ -145,9 +178,15 @@ __all__ = [
     "LoraRuntimeConfig",
     "MergeError",
     "MethodSpec",
+    "MissConfig",
+    "MissModel",
     "ModulesToSaveWrapper",
     "MontecloraConfig",
     "NoMatchingPeftModuleError",
+    "OFTConfig",
+    "OFTModel",
+    "OSFConfig",
+    "OSFModel",
     "PeftConfig",
     "PeftError",
     "PeftMixedModel",
@@ -169,8 +208,12 @@ __all__ = [
     "PromptLearningConfig",
     "PromptTuningConfig",
     "PromptTuningInit",
+    "PsoftConfig",
+    "PsoftModel",
     "QuantizedMergeReport",
     "QuantizedMergeWarning",
+    "RoadConfig",
+    "RoadModel",
     "ShapeMismatchError",
     "TaskType",
     "TrainableTokensConfig",
@@ -179,6 +222,11 @@ __all__ = [
     "TunerModel",
     "TunerModelStatus",
     "UnsupportedModuleError",
+    "VBLoRAConfig",
+    "VBLoRAModel",
+    "VeloraConfig",
+    "VeraConfig",
+    "VeraModel",
     "__version__",
     "all_methods",
     "attach_adalora",

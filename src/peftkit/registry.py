@@ -31,6 +31,17 @@ _BUILTIN_METHOD_MODULES: tuple[str, ...] = (
     "peftkit.methods.lokr",
     "peftkit.methods.adalora",
     "peftkit.methods.trainable_tokens",
+    "peftkit.methods.oft",
+    "peftkit.methods.boft",
+    "peftkit.methods.hra",
+    "peftkit.methods.miss",
+    "peftkit.methods.road",
+    "peftkit.methods.psoft",
+    "peftkit.methods.osf",
+    "peftkit.methods.ln_tuning",
+    "peftkit.methods.vera",
+    "peftkit.methods.fourierft",
+    "peftkit.methods.vblora",
 )
 
 
@@ -111,6 +122,22 @@ class MethodSpec:
             ``apply_plan`` after the planned layers and ``modules_to_save``, to add the layers of another kind that
             ``config`` asks for under the same adapter name (LoRA's ``trainable_token_indices``); it records every
             module it changes in ``applied`` (``touched`` / ``replaced``), so a failure rolls it back. None: none.
+        example_kinds: ``(example kwargs) -> (field, kinds)`` or None: an example config whose option ``field``
+            applies to the module kinds ``kinds`` only (LoRA's variants: linear layers); the conformance suite runs
+            it on the model cases of those kinds and checks that the others refuse it with a ConfigError naming
+            ``field``. None (the default): the example runs wherever the method does (``supported_kinds``).
+        example_changes_base: ``(example kwargs) -> bool``: creating an adapter of this example rewrites what the
+            base model computes (LoRA's KaSA truncates the base weights), so the conformance suite's "base output"
+            for it is the wrapped model's output inside ``disable_adapter()``, not the original model's.
+        update_strength: ``(params, adapter_config dict) -> (shape, rank, strength, effective rank)``: how ``peftkit
+            inspect`` measures one adapted module from the saved tensors alone (``params``: its tensors by name
+            without the adapter name, e.g. ``{"road_theta": ..., "road_alpha": ...}``); None: inspect's built-in
+            rules (LoRA, AdaLoRA, LoHa, LoKr: ``‖ΔW‖_F``; IA3: distance of the vector from 1).
+        shared_state: ``(tuner, config, adapter_name, layers) -> None``: called after injection to create the tensors
+            the adapter shares across all its layers (VB-LoRA's vector bank) once, in a ``layers.shared.
+            SharedAdapterTensors`` attribute of the tuner (saved under that attribute's path without the adapter name,
+            e.g. ``base_model.vblora_vector_bank``), and hand it to ``layers`` (the layers now holding the adapter).
+            The tuner drops the adapter's entry on delete and rollback. None: no shared tensors.
     """
 
     peft_type: PeftType
@@ -152,6 +179,11 @@ class MethodSpec:
     prepare_model: Callable[[nn.Module, PeftConfig], Callable[[], None] | None] | None = None
     check_merge: Callable[[nn.Module, PeftConfig], None] | None = None
     extra_layers: Callable[[nn.Module, PeftConfig, str, Any, bool], None] | None = None
+    example_kinds: Callable[[dict[str, Any]], tuple[str, tuple[str, ...]] | None] = lambda kwargs: None
+    example_changes_base: Callable[[dict[str, Any]], bool] = lambda kwargs: False
+    update_strength: Callable[[dict[str, torch.Tensor], dict[str, Any]],
+                              tuple[list[int], int | None, float, float | None]] | None = None
+    shared_state: Callable[[nn.Module, PeftConfig, str, list[nn.Module]], None] | None = None
 
 
 _REGISTRY: dict[PeftType, MethodSpec] = {}

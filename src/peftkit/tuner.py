@@ -21,6 +21,7 @@ from .injection.apply import AppliedPlan, adapters_on_meta, apply_plan, rollback
 from .injection.plan import InjectionPlan, plan_injection
 from .layers.base import AdapterLayer
 from .layers.modules_to_save import ModulesToSaveWrapper
+from .layers.shared import SharedAdapterTensors
 from .module_utils import freeze, gc_paused, walk_modules
 from .quantization import (
     QuantizedMergeReport,
@@ -152,6 +153,8 @@ class TunerModel(BaseTuner):
             self._active = [adapter_name]
         # only the touched modules hold the new adapter (and, for the first one, any adapter at all)
         touched = [self.model.get_submodule(name) for name in dict.fromkeys(applied.touched)]
+        if method.shared_state is not None:  # tensors held once per model (VB-LoRA's vector bank)
+            method.shared_state(self, config, adapter_name, [layer for module in touched for layer in _nested(module)])
         self._refresh_trainability([layer for module in touched for layer in _nested(module)])
         return applied
 
@@ -173,6 +176,7 @@ class TunerModel(BaseTuner):
         """Undo :meth:`inject_adapter` completely (used when a load fails after injection), including the model
         preparation the adapter made (``MethodSpec.prepare_model``)."""
         rollback(self.model, applied)
+        self._drop_shared(applied.adapter_name)
         undo = self._prepared.pop(applied.adapter_name, None)
         if undo is not None:
             undo()
@@ -185,6 +189,12 @@ class TunerModel(BaseTuner):
             f"{n.split('.base_layer')[0]}.{m.parameter_name}" for n, m in held
             if getattr(m, "parameter_name", None) is not None)
         self._refresh_trainability()
+
+    def _drop_shared(self, adapter_name: str) -> None:
+        """Remove ``adapter_name``'s tensors held once per model (``MethodSpec.shared_state``)."""
+        for holder in self._modules.values():
+            if isinstance(holder, SharedAdapterTensors) and adapter_name in holder:
+                del holder[adapter_name]
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool | None = None) -> None:
         """Activate ``adapter_name`` (a name or a list; several active adapters add their updates).
@@ -226,7 +236,7 @@ class TunerModel(BaseTuner):
 
     def _bias_params(self, bias: str) -> list[nn.Parameter]:
         """Biases trained by ``bias="all"`` (every bias outside adapter internals) or ``"lora_only"``."""
-        if bias == "lora_only":
+        if bias.endswith("_only"):  # "lora_only", "hra_only", ...: the adapted layers' biases, as the reference
             return [
                 layer.get_base_layer().bias for layer in self.adapter_layers()
                 if isinstance(getattr(layer.get_base_layer(), "bias", None), nn.Parameter)
@@ -263,6 +273,7 @@ class TunerModel(BaseTuner):
                              "call unmerge_adapter() first")
         for _, module in self.adapter_modules():
             module.delete_adapter(adapter_name)
+        self._drop_shared(adapter_name)
         del self.peft_config[adapter_name]
         self._prepared.pop(adapter_name, None)  # a prepared structure stays, as the reference's replicated layers
         self._trainable.pop(adapter_name, None)
@@ -379,7 +390,7 @@ class TunerModel(BaseTuner):
         if safe_merge:
             for layer in layers:
                 layer.check_merge(adapter_names)
-        for layer in layers:
+        for layer in reversed(layers):  # nested layers (mixed models) innermost first: OFT's rotation does not commute
             layer.merge(adapter_names=adapter_names)
         self._report_quantized_merge()
 

@@ -56,8 +56,13 @@ class MethodConfig:
         return self.spec.config_cls(**kwargs)
 
     def observable(self, case: TaskCase, **overrides: Any) -> PeftConfig:
-        """Like :meth:`config`, with ``spec.non_identity_kwargs`` so a fresh adapter changes the outputs."""
-        return self.config(case, **{**self.spec.non_identity_kwargs, **overrides})
+        """Like :meth:`config`, with ``spec.non_identity_kwargs`` so a fresh adapter changes the outputs. A method
+        without such an option (empty ``non_identity_kwargs``: LN tuning's copies start equal to the base) gets a
+        config marked so that :func:`wrap` / :func:`add_adapter` perturb the new adapter's tensors instead."""
+        config = self.config(case, **{**self.spec.non_identity_kwargs, **overrides})
+        if not self.spec.non_identity_kwargs and self.spec.identity_at_init:
+            vars(config)["_conformance_perturb"] = self.spec.prefix  # not a dataclass field: never saved
+        return config
 
     def field(self, name: str, default: Any = None) -> Any:
         """The value of config field ``name`` in this example (its dataclass default when not given)."""
@@ -110,9 +115,14 @@ def supports(spec: MethodSpec, case: TaskCase) -> bool:
 
 
 def refused_field(mc: MethodConfig, case: TaskCase) -> str | None:
-    """The config field the reference refuses for this case (e.g. DoRA on a grouped conv), or None."""
+    """The config field the reference refuses for this case (e.g. DoRA on a grouped conv, ``kind_models.REFUSED``;
+    a LoRA variant on a kind it does not adapt, ``MethodSpec.example_kinds``), or None."""
     rule = REFUSED.get(case.name)
-    return rule(mc.kwargs) if rule is not None else None
+    refused = rule(mc.kwargs) if rule is not None else None
+    scope = mc.spec.example_kinds(mc.kwargs)
+    if refused is None and scope is not None and not case_kinds(case) <= set(scope[1]):
+        return scope[0]
+    return refused
 
 
 def can_merge(mc: MethodConfig, case: TaskCase) -> bool:
@@ -152,6 +162,7 @@ def wrap(case: TaskCase, config: PeftConfig, seed: int = 0) -> PeftModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = get_peft_model(base_model(case), config)
+    _perturb_if_marked(model, config, "default", seed)
     return model.eval()
 
 
@@ -159,6 +170,15 @@ def add_adapter(model: PeftModel, name: str, config: PeftConfig, seed: int) -> N
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model.add_adapter(name, config)
+    _perturb_if_marked(model, config, name, seed)
+
+
+def _perturb_if_marked(model: nn.Module, config: PeftConfig, adapter: str, seed: int) -> None:
+    """Perturb adapter ``adapter``'s tensors when ``config`` comes from :meth:`MethodConfig.observable` of a method
+    that has no non-identity option (scale 0.5: clearly observable through the tiny models' heads)."""
+    prefix = vars(config).get("_conformance_perturb")
+    if prefix is not None:
+        perturb(model, adapter_param_names(model, adapter, prefix), seed=seed + 100, scale=0.5)
 
 
 @torch.no_grad()
@@ -169,6 +189,17 @@ def output(model: nn.Module, case: TaskCase) -> torch.Tensor:
 
 def base_output(case: TaskCase) -> torch.Tensor:
     return output(base_model(case), case)
+
+
+def example_base_output(mc: MethodConfig, case: TaskCase) -> torch.Tensor:
+    """What the example's adapters are compared with as "the base": the original model's output, or, for an example
+    whose adapter rewrites the base when created (``MethodSpec.example_changes_base``: KaSA's truncation), the
+    wrapped model's output inside ``disable_adapter()``."""
+    if not mc.spec.example_changes_base(mc.kwargs):
+        return base_output(case)
+    model = wrap(case, mc.config(case))
+    with model.disable_adapter():
+        return output(model, case)
 
 
 def loss_of(model: nn.Module, case: TaskCase) -> torch.Tensor:

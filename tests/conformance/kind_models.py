@@ -124,15 +124,8 @@ REFUSED: dict[str, Callable[[dict[str, Any]], str | None]] = {
 }
 
 
-
-def _with_monteclora(rule: Callable[[dict[str, Any]], str | None] | None) -> Callable[[dict[str, Any]], str | None]:
-    """``rule``, plus ``monteclora_config``: MonteCLoRA adapts linear layers only (the reference refuses the rest)."""
-    return lambda kwargs: (rule(kwargs) if rule is not None else None) or (
-        "monteclora_config" if kwargs.get("monteclora_config") else None)
-
-
-for _case in ("custom-emb", "custom-conv2d", "custom-conv1d", "custom-gconv", "custom-mha", "moe-params"):
-    REFUSED[_case] = _with_monteclora(REFUSED.get(_case))
+#: LoRA variants that adapt some module kinds only (MonteCLoRA, BD-LoRA, VeLoRA, KaSA) are refused on the other
+#: cases through ``MethodSpec.example_kinds`` (``conformance_helpers.refused_field``)
 
 #: cases whose adapter layers' outputs are not affine in the adapted weights, so "both active = base + delta_a +
 #: delta_b" holds for their weights but not layer by layer (the model-level checks still run)

@@ -20,9 +20,9 @@ from conformance_helpers import (
     adapter_layers,
     assert_close,
     assert_differs,
-    base_output,
     can_merge,
     clone_params,
+    example_base_output,
     is_adapter_param,
     loss_of,
     output,
@@ -37,7 +37,7 @@ from peftkit import PeftModel, PeftWarning
 @pytest.mark.parametrize("mc, case", ALL)
 def test_identity_at_init(mc: MethodConfig, case: TaskCase) -> None:
     """Default init: the wrapped model computes the base output (1e-6); the non-identity init changes it."""
-    base = base_output(case)
+    base = example_base_output(mc, case)
     config = mc.config(case)
     config_before = config.to_dict()
     model = wrap(case, config)
@@ -55,7 +55,7 @@ def expected_trainable(model: PeftModel, mc: MethodConfig) -> set[str]:
     bias = mc.field("bias", "none")
     if bias == "all":
         expected |= {n for n in names if n.split(".")[-1] == "bias" and "original_module" not in n.split(".")}
-    elif bias == "lora_only":
+    elif bias.endswith("_only"):  # "lora_only", "boft_only", ...: the adapted layers' biases
         ids = {id(p): n for n, p in names.items()}
         for _, layer in adapter_layers(model):
             b = getattr(layer.get_base_layer(), "bias", None)
@@ -128,7 +128,7 @@ def _bias_warning(mc: MethodConfig) -> contextlib.AbstractContextManager:
 
 @pytest.mark.parametrize("mc, case", ALL)
 def test_disable_adapter_gives_base_output(mc: MethodConfig, case: TaskCase) -> None:
-    base = base_output(case)
+    base = example_base_output(mc, case)
     model = wrap(case, mc.observable(case))
     adapted = output(model, case)
     assert_differs(adapted, base)

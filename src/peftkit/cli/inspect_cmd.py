@@ -141,7 +141,8 @@ def _group(tensors: dict[str, torch.Tensor], prefix: str) -> tuple[dict[str, dic
         if idx is None:
             others[key] = tensor
             continue
-        groups.setdefault(".".join(parts[:idx]), {})[parts[idx]] = tensor
+        # the key from the prefixed component on (``psoft_R.vector_a``): tensors of one submodule stay apart
+        groups.setdefault(".".join(parts[:idx]), {})[".".join(parts[idx:])] = tensor
     return groups, others
 
 
@@ -181,10 +182,15 @@ def inspect_adapter(directory: str) -> dict[str, Any]:
     spec = get_method(config.get("peft_type", "?"))
     token_rows, rest = _token_rows(tensors)
     groups, others = _group(rest, spec.prefix) if spec.kind == "adapter" else ({}, dict(rest))
+    # tensors held once per model (MethodSpec.shared_state: VB-LoRA's base_model.vblora_vector_bank) are no layer;
+    # each layer's measure gets them beside its own tensors
+    shared = groups.pop("base_model", {}) if spec.shared_state is not None else {}
     layers = []
     for module, params in sorted(groups.items(), key=lambda kv: _natural_key(kv[0])):
-        params = {k.removesuffix(".weight"): v for k, v in params.items()}
-        shape, rank, norm, erank = _strength(params, _scale(config, module, _rank_of(params)))
+        params = {**shared, **{k.removesuffix(".weight"): v for k, v in params.items()}}
+        measure = spec.update_strength  # a method's own measure, else the built-in rules
+        shape, rank, norm, erank = (measure(params, config) if measure is not None
+                                    else _strength(params, _scale(config, module, _rank_of(params))))
         index = _LAYER_INDEX.search(f".{module}.")
         layers.append(LayerStrength(module, module.rsplit(".", 1)[-1], int(index.group(1)) if index else None,
                                     shape, rank, norm, erank))

@@ -21,6 +21,7 @@ from ..injection.apply import adopt, mark_loaded
 from ..layers.base import AdapterLayer
 from ..layers.modules_to_save import ModulesToSaveWrapper
 from ..layers.prompt import PromptEncoderDict
+from ..layers.shared import SharedAdapterTensors
 from ..module_utils import model_embedding, walk_modules
 from ..registry import get_method
 
@@ -74,6 +75,9 @@ def _adapter_entries(model: nn.Module, adapter_name: str) -> list[_Entry]:
         elif isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
             for saved, (mem, tensor) in _held_adapter_state(module, adapter_name).items():
                 result[saved_path + saved] = _entry(saved_path + saved, path, clean, mem, tensor)
+        elif isinstance(module, SharedAdapterTensors) and adapter_name in module:  # held once per model
+            key = saved_path.removesuffix(".")
+            result[key] = _entry(key, path, clean, adapter_name, module[adapter_name])
     if bias == "all" or (bias != "none" and bias.endswith("_only")):
         for path, clean, name, tensor in _bias_entries(model, only_adapted=bias != "all", adapter_name=adapter_name):
             key = _alias(_join(clean, name), aliases)

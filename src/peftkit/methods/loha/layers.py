@@ -14,6 +14,50 @@ def _kaiming(t: torch.Tensor) -> None:
     nn.init.kaiming_uniform_(t, a=math.sqrt(5))
 
 
+def hada_product_plain(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor) -> torch.Tensor:
+    """``(w1a @ w1b) ⊙ (w2a @ w2b)``: ``w*a: (out, r)``, ``w*b: (r, cols)`` -> ``(out, cols)``. The plain definition
+    (autograd keeps both ``(out, cols)`` products for backward); :func:`hada_product` is the lean one."""
+    return (w1a @ w1b) * (w2a @ w2b)
+
+
+class _HadaProduct(torch.autograd.Function):
+    """:func:`hada_product_plain` keeping only the four factors for backward; the backward recomputes the two
+    ``(out, cols)`` products (two rank-``r`` matmuls) instead of holding them from forward to backward, as the
+    reference's ``HadaWeight`` does. Per adapted layer that is two weight-sized tensors less memory in training."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor,
+                w2b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(w1a, w1b, w2a, w2b)
+        return hada_product_plain(w1a, w1b, w2a, w2b)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, ...]:
+        """``grad: (out, cols)`` -> gradients of ``w1a, w1b, w2a, w2b``: with ``P_i = w_ia @ w_ib``,
+        ``d w1a = (grad ⊙ P_2) @ w1bᵀ``, ``d w1b = w1aᵀ @ (grad ⊙ P_2)``, and likewise for the second pair."""
+        w1a, w1b, w2a, w2b = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        g1a = g1b = g2a = g2b = None
+        if need[0] or need[1]:
+            temp = grad * (w2a @ w2b)
+            g1a = temp @ w1b.t() if need[0] else None
+            g1b = w1a.t() @ temp if need[1] else None
+            del temp
+        if need[2] or need[3]:
+            temp = grad * (w1a @ w1b)
+            g2a = temp @ w2b.t() if need[2] else None
+            g2b = w2a.t() @ temp if need[3] else None
+        return g1a, g1b, g2a, g2b
+
+
+def hada_product(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor) -> torch.Tensor:
+    """:func:`hada_product_plain` with a lean backward (:class:`_HadaProduct`) when a gradient is needed."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (w1a, w1b, w2a, w2b)):
+        return _HadaProduct.apply(w1a, w1b, w2a, w2b)
+    return hada_product_plain(w1a, w1b, w2a, w2b)
+
+
 class LoHaLayer(LycorisLayer):
     """Holds LoHa adapters (``ParameterDict`` entries saved as ``hada_w1_a`` etc., without ``.weight``)."""
 
@@ -72,4 +116,4 @@ class LoHaLayer(LycorisLayer):
             rebuild1 = torch.einsum("ijkl,jr,ip->prkl", self.hada_t1[name], w1b, w1a)
             rebuild2 = torch.einsum("ijkl,jr,ip->prkl", self.hada_t2[name], w2b, w2a)
             return rebuild1 * rebuild2
-        return (w1a @ w1b) * (w2a @ w2b)
+        return hada_product(w1a, w1b, w2a, w2b)

@@ -234,6 +234,22 @@ def _check_plan(config: PeftConfig, planned: Sequence[tuple[str, nn.Module]]) ->
                       "bias or set lora_bias=False.", PeftWarning, stacklevel=5)
 
 
+#: the LoRA variants that adapt some module kinds only (``MethodSpec.example_kinds``): field -> kinds
+_VARIANT_KINDS: dict[str, tuple[str, ...]] = {
+    "monteclora_config": ("linear", "hf_conv1d"),
+    "use_bdlora": ("linear",),
+    "velora_config": ("linear", "hf_conv1d"),
+    "kasa_config": ("linear",),
+}
+
+
+def _example_kinds(kwargs: dict[str, Any]) -> tuple[str, tuple[str, ...]] | None:
+    """``(field, kinds)`` of the first variant of :data:`_VARIANT_KINDS` an example config selects, or None."""
+    chosen = (name for name in _VARIANT_KINDS if kwargs.get(name) is not None and kwargs.get(name) is not False)
+    name = next(chosen, None)
+    return None if name is None else (name, _VARIANT_KINDS[name])
+
+
 def _base(module: nn.Module) -> nn.Module:
     return module.get_base_layer() if hasattr(module, "get_base_layer") else module
 
@@ -258,7 +274,12 @@ LORA = register_method(
             {"r": 4, "lora_alpha": 8, "bias": "all", "lora_bias": False},
             {"r": 4, "lora_alpha": 8, "use_dora": True, "lora_dropout": 0.1},
             {"r": 4, "lora_alpha": 8, "monteclora_config": {"num_samples": 2, "buffer_size": 1}},
+            {"r": 4, "lora_alpha": 8, "use_bdlora": {"target_modules_bd_a": [""], "nblocks": 2}},  # every A
+            {"r": 4, "lora_alpha": 8, "velora_config": {"num_groups": 3, "scale": 1.5}},
+            {"r": 2, "lora_alpha": 4, "kasa_config": {"beta": 0.5, "gamma": 0.25}},
         ),
+        example_kinds=_example_kinds,
+        example_changes_base=lambda kwargs: kwargs.get("kasa_config") is not None,
         non_identity_kwargs={"init_lora_weights": False},
         combine=add_weighted_adapter,
         mixed_compatible=True,

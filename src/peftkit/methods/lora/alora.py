@@ -82,12 +82,13 @@ class ALoraVariant(LoraVariant):
         lora_A, lora_B = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
         batch = result.shape[0]
         T = result.shape[1] if result.dim() == 3 else 1
-        mask = position_mask(getattr(layer, OFFSETS_ATTR, None), batch, T, result.device)
-        rows = mask.reshape(-1).nonzero().squeeze(1)  # positions of (batch * T) that get the update
-        x_rows = x.reshape(-1, x.shape[-1]).index_select(0, rows).to(lora_A.weight.dtype)
+        mask = position_mask(getattr(layer, OFFSETS_ATTR, None), batch, T, result.device).reshape(-1)  # (batch*T,)
+        x_rows = x.reshape(-1, x.shape[-1])[mask].to(lora_A.weight.dtype)  # the positions that get the update
         update = lora_B(lora_A(layer.lora_dropout[adapter_name](x_rows))) * layer.scaling[adapter_name]
         flat = result.reshape(-1, result.shape[-1])
-        return flat.index_add(0, rows, update.to(flat.dtype)).view(result.shape)
+        # index_put (accumulate) with the bool mask keeps only the mask for backward (the same one the gather
+        # keeps); index_add would also keep ``update``, a (rows, out) tensor per layer
+        return flat.index_put((mask,), update.to(flat.dtype), accumulate=True).view(result.shape)
 
     def merge(self, layer: LoraLayer, adapter_name: str, safe_merge: bool) -> None:
         raise ALoraMergeError(f"aLoRA does not support merging (adapter {adapter_name!r}): its update depends on "

@@ -240,16 +240,20 @@ def _work(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to(torch.promote_types(tensor.dtype, torch.float32))
 
 
-def _sources(layer: LoraLayer, adapters: Sequence[str], weights: Sequence[float]) -> list[_Source]:
-    """The sources present in ``layer``, in the caller's order (absent adapters contribute nothing)."""
+def _sources(layer: LoraLayer, adapters: Sequence[str], weights: Sequence[float], rank: int) -> list[_Source]:
+    """The sources present in ``layer``, in the caller's order (absent adapters contribute nothing); a variant folds
+    its own state into the factors (:meth:`.variants.LoraVariant.combine_source`, KaSA's ``lora_diag``)."""
     found = []
     for adapter, weight in zip(adapters, weights):
         factors = _factors_of(layer, adapter)
         if factors is None:
             continue
+        A, B = _work(factors[0]), _work(factors[1])
+        variant = layer._variants.get(adapter)
+        if variant is not None:
+            A, B = variant.combine_source(layer, adapter, A, B, rank)
         bias = layer.lora_B[adapter].bias if adapter in layer.lora_B else None
-        found.append(_Source(float(weight), _work(factors[0]), _work(factors[1]), float(layer.scaling[adapter]),
-                             None if bias is None else _work(bias)))
+        found.append(_Source(float(weight), A, B, float(layer.scaling[adapter]), None if bias is None else _work(bias)))
     return found
 
 
@@ -324,6 +328,9 @@ def _write_layer(layer: LoraLayer, adapter_name: str, tensors: tuple[torch.Tenso
             target_bias.copy_(bias)
         elif target_bias is not None:
             target_bias.zero_()
+    variant = layer._variants.get(adapter_name)
+    if variant is not None:
+        variant.init_combined(layer, adapter_name)
 
 
 def _copy_modules_to_save(wrappers: list[tuple[str, ModulesToSaveWrapper]], adapters: Sequence[str],
@@ -370,7 +377,7 @@ def add_weighted_adapter(
     opts = _Options(combination.recipe, density, majority_sign_method, svd_clamp, svd_full_matrices, svd_driver)
     combined = {}
     for name, layer in layers:
-        sources = _sources(layer, adapters, weights)
+        sources = _sources(layer, adapters, weights, rank)
         combined[name] = (*combination.combine_layer(sources, rank, layer, opts), _combined_bias(sources))
     config = _new_config(tuner, adapters, adapter_name, rank, layers)
     tuner.inject_adapter(config, adapter_name)

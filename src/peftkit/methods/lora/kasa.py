@@ -15,8 +15,14 @@ truncation). ``lora_diag`` is saved as ``<module>.lora_diag`` and trained with t
 the truncated weight; unmerging subtracts it. The paper's two regularisers are :func:`kasa_loss` (the reference's
 ``LoraModel._get_kasa_loss``), which the user adds to the task loss.
 
+The layer's ``get_delta_weight`` is ``ΔW`` with ``lora_diag`` (:meth:`KasaVariant.delta_weight`), so safe merging,
+``check_merge`` and ``add_weighted_adapter`` see the real update; ``add_weighted_adapter`` folds each source's
+diagonal into its ``A`` and gives the new (KaSA) adapter ``lora_diag = 1``.
+
 Differences from the reference: the truncation needs a materialised base weight when the adapter is created (the
-reference defers it to the first forward when the base weight is on the meta device); peftkit raises instead.
+reference defers it to the first forward when the base weight is on the meta device); peftkit raises instead. The
+reference's ``get_delta_weight`` and ``add_weighted_adapter`` leave ``lora_diag`` out (its combined adapter keeps a
+random diagonal); peftkit combines the full updates and refuses a combined rank that would truncate the base again.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ...errors import ConfigError, MergeError
+from ...errors import ConfigError, ConfigTypeError, MergeError
 from ...injection.apply import is_probing
 from .variants import LoraVariant
 
@@ -54,8 +60,8 @@ class KasaConfig:
     def __post_init__(self) -> None:
         for name in ("beta", "gamma"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"kasa_config.{name}", value, "a non-negative number is required")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):  # the reference: TypeError from `<`
+                raise ConfigTypeError(f"kasa_config.{name}", value, "a non-negative number is required")
             if value < 0:
                 raise ConfigError(f"kasa_config.{name}", value, "it must be non-negative")
 
@@ -113,6 +119,25 @@ class KasaVariant(LoraVariant):
             A, B, diag = A.float(), B.float(), diag.float()
         delta = (B * diag) @ A * layer.scaling[adapter_name]
         return delta.to(layer.get_base_layer().weight.dtype)
+
+    def combine_source(self, layer: LoraLayer, adapter_name: str, A: torch.Tensor, B: torch.Tensor,
+                       rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(diag(lora_diag) A, B)`` (``A: (r, in)``, ``B: (out, r)``): plain factors of the same update. The new
+        adapter (KaSA too) truncates the base by its rank when created, so a ``rank`` above the depth already cut
+        (the largest KaSA rank in the layer) would change the base: :class:`ConfigError` then, before any change."""
+        depth = max(layer.r[name] for name, v in layer._variants.items() if isinstance(v, KasaVariant))
+        if rank > depth:
+            raise ConfigError("combination_type", f"rank {rank}",
+                              f"a combined KaSA adapter of rank {rank} would truncate the base weights of a layer "
+                              f"again (they were cut by r = {depth}); combine to a rank <= {depth}, e.g. "
+                              f"combination_type='svd' with svd_rank <= {depth}")
+        diag = layer._modules[DIAG][adapter_name].detach().to(A.dtype)
+        return A * diag.unsqueeze(-1), B
+
+    def init_combined(self, layer: LoraLayer, adapter_name: str) -> None:
+        """``lora_diag = 1``: the combined factors already hold the sources' diagonals."""
+        with torch.no_grad():
+            layer._modules[DIAG][adapter_name].fill_(1.0)
 
     def merge(self, layer: LoraLayer, adapter_name: str, safe_merge: bool) -> None:
         """``W <- W + ΔW`` (``W`` is the truncated weight)."""

@@ -349,7 +349,12 @@ class Linear(LoraLayer):
             base_weight.copy_((residual.t() if self.fan_in_fan_out else residual).to(base_weight.dtype))
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """``scaling * B @ A``, shape ``(out, in)`` (``(in, out)`` for ``Conv1D``), in the base weight's dtype."""
+        """``scaling * B @ A``, shape ``(out, in)`` (``(in, out)`` for ``Conv1D``), in the base weight's dtype (a
+        variant's own update when it has one: :meth:`.variants.LoraVariant.delta_weight`, KaSA's ``lora_diag``)."""
+        variant = self._variants.get(adapter_name)
+        own = variant.delta_weight(self, adapter_name) if variant is not None else None
+        if own is not None:
+            return own
         delta = self._delta_product(adapter_name)
         delta = delta.t() if self.fan_in_fan_out else delta
         return delta.to(self.get_base_layer().weight.dtype)

@@ -60,6 +60,22 @@ class LoraVariant:
         """Undo :meth:`merge`."""
         raise MergeError(f"{self.name} adapters cannot be unmerged (adapter {adapter_name!r})")
 
+    def delta_weight(self, layer: LoraLayer, adapter_name: str) -> torch.Tensor | None:
+        """The adapter's dense update (the layer's ``get_delta_weight`` layout and dtype) when it is not the plain
+        ``scaling * B @ A`` (KaSA: ``lora_diag`` sits between the factors); None for the plain one."""
+        return None
+
+    def combine_source(self, layer: LoraLayer, adapter_name: str, A: torch.Tensor, B: torch.Tensor,
+                       rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` (``A: (r, in)``, ``B: (out, r)``, detached copies) folded so that ``scaling * B @ A`` is this
+        adapter's update, for ``add_weighted_adapter`` combining into a new adapter of rank ``rank``; raises
+        :class:`ConfigError` before anything changes when the variant cannot be combined so. Default: unchanged."""
+        return A, B
+
+    def init_combined(self, layer: LoraLayer, adapter_name: str) -> None:
+        """After ``add_weighted_adapter`` wrote the factors of ``adapter_name`` (a new adapter with this variant):
+        make the variant's own state neutral, so the update is ``scaling * B @ A``."""
+
     def refuse_merge(self, layer: LoraLayer, adapter_name: str) -> None:
         """Raise what :meth:`merge` would raise, without changing anything, when the variant cannot merge."""
         if not self.mergeable:

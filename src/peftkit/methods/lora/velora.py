@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import ConfigError
+from ...errors import ConfigError, ConfigTypeError
 from ...injection.apply import is_probing
 from .variants import LoraVariant
 
@@ -51,9 +51,14 @@ class VeloraConfig:
     init_type: str = "batch_average"
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_groups, bool) or not isinstance(self.num_groups, int) or self.num_groups <= 0:
+        # a wrong type is a ConfigTypeError (the reference: TypeError from `<=`), a bad value a ConfigError
+        if isinstance(self.num_groups, bool) or not isinstance(self.num_groups, int):
+            raise ConfigTypeError("velora_config.num_groups", self.num_groups, "a positive integer is required")
+        if self.num_groups <= 0:
             raise ConfigError("velora_config.num_groups", self.num_groups, "a positive integer is required")
-        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or self.scale <= 0:
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)):
+            raise ConfigTypeError("velora_config.scale", self.scale, "a positive number is required")
+        if self.scale <= 0:
             raise ConfigError("velora_config.scale", self.scale, "a positive number is required")
         if self.init_type not in INIT_TYPES:
             raise ConfigError("velora_config.init_type", self.init_type, f"allowed: {list(INIT_TYPES)}")
@@ -86,11 +91,8 @@ def reconstruct(c: torch.Tensor, embed: torch.Tensor, in_features: int, scale: f
 def unit(v: torch.Tensor) -> torch.Tensor:
     """``v / ‖v‖`` in float32; the normalised all-ones vector when ``v`` is zero."""
     v = v.float()
-    norm = torch.linalg.vector_norm(v)
-    if norm == 0:
-        v = torch.ones_like(v)
-        norm = torch.linalg.vector_norm(v)
-    return v / norm
+    v = torch.where(torch.linalg.vector_norm(v) == 0, torch.ones_like(v), v)  # no data-dependent branch (dynamo)
+    return v / torch.linalg.vector_norm(v)
 
 
 class VeloraLinearFn(torch.autograd.Function):
