@@ -213,12 +213,12 @@ def test_initialize_sets_components_and_records_ranks_as_reference(tmp_path):
         warnings.simplefilter("ignore")
         peft.initialize_lora_eva_weights(theirs, loader, show_progress_bar=False)
     # B = 0: the model output is unchanged by the initialisation (same kernels: exact)
-    torch.testing.assert_close(ours(**inputs).logits, base_out, atol=0, rtol=0)
+    torch.testing.assert_close(ours(**inputs).logits, base_out, atol=0, rtol=0)  # B = 0: same base kernels
     for name, module in ours.named_modules():
         if isinstance(module, Linear):
             u = components[name]
             assert module.r["default"] == u.shape[0]
-            torch.testing.assert_close(module.lora_A["default"].weight, u.float(), atol=0, rtol=0)
+            torch.testing.assert_close(module.lora_A["default"].weight, u.float(), atol=0, rtol=0)  # a copy
             assert torch.count_nonzero(module.lora_B["default"].weight) == 0
             assert module.lora_A["default"].weight.requires_grad
             scaling = ours_cfg.lora_alpha * u.shape[0] / ours_cfg.r / u.shape[0]  # adjust_scaling_factors
@@ -339,7 +339,8 @@ def test_meta_placeholders_and_layers_eva_does_not_cover():
     assert not any(p.is_meta for p in model.parameters())
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
     with torch.no_grad():  # every LoRA update is zero at init (B = 0; the embedding's A = 0): exact
-        torch.testing.assert_close(model(**loader[0]).logits, tiny_llama()(**loader[0]).logits, atol=0, rtol=0)
+        torch.testing.assert_close(model(**loader[0]).logits, tiny_llama()(**loader[0]).logits, atol=0,
+                                   rtol=0)  # zero updates on the same base kernels
     assert "model.embed_tokens" in model.peft_config["default"].target_modules
 
 

@@ -169,7 +169,7 @@ def test_cast_mixed_precision_params_matches_reference():
 def test_shift_tokens_right_matches_reference():
     ids = torch.tensor([[5, 6, 7, -100], [8, -100, 9, 10]])
     torch.testing.assert_close(peftkit.shift_tokens_right(ids, 0, 2), peft.shift_tokens_right(ids, 0, 2),
-                               rtol=0, atol=0)
+                               rtol=0, atol=0)  # integer token ids
     with pytest.raises(ValueError):
         peft.shift_tokens_right(ids, None, 2)
     with pytest.raises(ValueError, match="pad_token_id"):

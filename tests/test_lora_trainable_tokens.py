@@ -129,7 +129,7 @@ def test_only_chosen_rows_change_in_training(tied: bool) -> None:
     emb = embedding(torch.arange(128))
     untouched = [i for i in range(128) if i not in INDICES]
     assert torch.equal(emb[untouched], before[untouched])  # the other rows are the base rows, exactly
-    torch.testing.assert_close(emb[INDICES], rows, atol=0, rtol=0)
+    torch.testing.assert_close(emb[INDICES], rows, atol=0, rtol=0)  # copied rows, no arithmetic
     if tied:  # the tied head scores with the trained rows
         hidden = torch.randn(2, 32)
         head = model.base_model.model.lm_head(hidden)

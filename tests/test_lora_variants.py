@@ -73,7 +73,7 @@ def test_variant_forward_runs_on_every_linear_path(monkeypatch, mode):
         with ctx():
             outs = [layer(x) for _ in range(3)]  # the second and third no-grad calls would run the cached plan
         for out in outs[1:]:
-            torch.testing.assert_close(out, outs[0], rtol=0, atol=0)
+            torch.testing.assert_close(out, outs[0], rtol=0, atol=0)  # the same call repeated: same kernels
         out = outs[0]
     # the same base kernel on the same data, plus a constant: equal to float32 rounding of the addition
     torch.testing.assert_close(out.detach(), expected, rtol=1e-6, atol=1e-6)

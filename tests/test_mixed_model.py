@@ -146,7 +146,7 @@ def test_disable_adapter_gives_base_output() -> None:
     with_adapters = _logits(model)
     with model.disable_adapter():
         torch.testing.assert_close(_logits(model), expected, atol=0, rtol=0)  # the same base kernels on the same data
-    torch.testing.assert_close(_logits(model), with_adapters, atol=0, rtol=0)
+    torch.testing.assert_close(_logits(model), with_adapters, atol=0, rtol=0)  # the same forward, repeated
 
 
 def test_merge_and_unload_equals_unmerged_output() -> None:
@@ -335,7 +335,7 @@ def test_incompatible_adapter_type_is_refused_and_model_unchanged() -> None:
     with pytest.raises(ConfigError, match="IA3"):
         model.add_adapter("ia3", peftkit.IA3Config(target_modules=["q_proj"], feedforward_modules=[]))
     assert list(model.peft_config) == list(NAMES)
-    torch.testing.assert_close(_logits(model), expected, atol=0, rtol=0)
+    torch.testing.assert_close(_logits(model), expected, atol=0, rtol=0)  # nothing changed: the same forward
 
 
 def test_from_pretrained_refuses_incompatible_files(tmp_path) -> None:

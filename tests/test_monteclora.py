@@ -199,7 +199,7 @@ def _same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert sorted(a) == sorted(b)
     for k, value in a.items():
         assert value.shape == b[k].shape, k
-        torch.testing.assert_close(value, b[k], rtol=0, atol=0)
+        torch.testing.assert_close(value, b[k], rtol=0, atol=0)  # stored tensors, no arithmetic
 
 
 def test_peftkit_file_loads_in_reference(tmp_path: Path) -> None:
@@ -288,7 +288,7 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     _same_state(peftkit.get_peft_model_state_dict(pm), peftkit.get_peft_model_state_dict(back))
     x = _x()
     with torch.no_grad():
-        torch.testing.assert_close(back(x), pm(x), rtol=0, atol=0)
+        torch.testing.assert_close(back(x), pm(x), rtol=0, atol=0)  # same weights, same kernels
 
 
 @pytest.mark.parametrize(("key", "value", "exc"), [("num_samples", 0, ConfigError), ("dirichlet_prior", 0.0, ConfigError),

@@ -179,7 +179,7 @@ def test_identity_at_init_and_nothing_but_the_low_factors_is_saved() -> None:
     base = _output(_llama(), "llama")
     model = peftkit.get_peft_model(_llama(), peftkit.OSFConfig(target_modules=["q_proj", "k_proj"]))
     # initial factors are the same tensors as the frozen copies: the update is U₀S₀V₀x − U₀S₀V₀x, exactly 0
-    torch.testing.assert_close(_output(model, "llama"), base, atol=0, rtol=0)
+    torch.testing.assert_close(_output(model, "llama"), base, atol=0, rtol=0)  # (see the comment above)
     saved = peftkit.get_peft_model_state_dict(model)
     assert {k.rsplit(".", 1)[-1] for k in saved} == {"U_low", "S_low", "V_low"}
     assert not any("_osf_" in k for k in model.state_dict())

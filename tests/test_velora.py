@@ -115,7 +115,7 @@ def test_eval_and_no_grad_are_plain_lora() -> None:
 
 def test_identity_at_init() -> None:
     model = _peftkit_model()
-    torch.testing.assert_close(model(_inputs()), _model()(_inputs()), atol=0, rtol=0)
+    torch.testing.assert_close(model(_inputs()), _model()(_inputs()), atol=0, rtol=0)  # B = 0: same base kernels
 
 
 def test_saved_keys_shapes_and_config_match_reference(tmp_path: Path) -> None:
@@ -169,7 +169,8 @@ def test_batch_average_once_keeps_first_projection() -> None:
     model(_inputs()).sum().backward()
     first = model.base_model.model.fc1.lora_velora_embed["default"].clone()
     model(_inputs() * 3 + 1).sum().backward()
-    torch.testing.assert_close(model.base_model.model.fc1.lora_velora_embed["default"], first, atol=0, rtol=0)
+    torch.testing.assert_close(model.base_model.model.fc1.lora_velora_embed["default"], first,
+                               atol=0, rtol=0)  # an untouched buffer
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:
