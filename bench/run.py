@@ -205,6 +205,27 @@ METHOD_CASES: dict[str, Callable[[str], Any]] = {
                                   task_type="CAUSAL_LM"),
     "vblora": lambda lib: _cfg(lib, "VBLoRAConfig", r=4, num_vectors=256, vector_length=64, topk=2,  # 64: divides the quick shape too
                                target_modules=_targets(), task_type="CAUSAL_LM"),
+    "randlora": lambda lib: _cfg(lib, "RandLoraConfig", r=32, randlora_alpha=640, target_modules=_targets(),
+                                 task_type="CAUSAL_LM"),
+    "shira": lambda lib: _cfg(lib, "ShiraConfig", r=32, target_modules=_targets(), task_type="CAUSAL_LM"),
+    "c3a": lambda lib: _cfg(lib, "C3AConfig", block_size=64, target_modules=_targets(),  # 64: divides the quick shape too
+                            task_type="CAUSAL_LM"),
+    "delora": lambda lib: _cfg(lib, "DeloraConfig", r=8, delora_lambda=15, target_modules=_targets(),
+                               task_type="CAUSAL_LM"),
+    "hira": lambda lib: _cfg(lib, "HiraConfig", r=32, target_modules=_targets(), task_type="CAUSAL_LM"),
+    "gralora": lambda lib: _cfg(lib, "GraloraConfig", r=32, alpha=64, gralora_k=2, target_modules=_targets(),
+                                task_type="CAUSAL_LM"),
+    "waveft": lambda lib: _cfg(lib, "WaveFTConfig", n_frequency=2592, scaling=25.0, wavelet_family="db1",
+                               target_modules=_targets(), task_type="CAUSAL_LM"),
+    "lily": lambda lib: _cfg(lib, "LilyConfig", r=32, stride_A=2, num_B=2, target_modules=_targets(),
+                             task_type="CAUSAL_LM"),
+    "glora": lambda lib: _cfg(lib, "GloraConfig", r=8, target_modules=_targets(), task_type="CAUSAL_LM"),
+    "pvera": lambda lib: _cfg(lib, "PveraConfig", r=128, target_modules=_targets(), task_type="CAUSAL_LM"),
+    "tinylora": lambda lib: _cfg(lib, "TinyLoraConfig", r=2, u=64, target_modules=_targets(),
+                                 task_type="CAUSAL_LM"),
+    "unilora": lambda lib: _cfg(lib, "UniLoraConfig", r=4, theta_d_length=256, target_modules=_targets(),
+                                task_type="CAUSAL_LM"),
+    # method entries: insert new ones directly above this line, in the issue's order
 }
 #: LoRA variants: the issue asks for step time only (peak RSS informational); the other methods: RSS too
 LORA_VARIANTS = ("lora", "dora", "rslora", "alora", "bdlora", "kasa", "velora", "monteclora")
@@ -479,6 +500,9 @@ def saved_activation_mb(model: Any, forward: Callable[[], Any], opt: Any) -> flo
     saved: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.layout == torch.sparse_coo:  # the reference's SHiRA saves a sparse COO ΔW: count its parts
+            pack(t._indices()), pack(t._values())
+            return t
         storage = t.untyped_storage()
         if storage.data_ptr() not in param_ptrs:
             saved[storage.data_ptr()] = storage.nbytes()

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
@@ -141,3 +142,15 @@ def check_merge_matches_reference(model: nn.Module, fresh_base: Callable[[], nn.
         ref = peft.PeftModel.from_pretrained(fresh_base(), tmp_path).merge_and_unload()(x)
     torch.testing.assert_close(ours, expected, **tol)
     torch.testing.assert_close(ours, ref, **tol)
+
+
+def check_typed_sub_config_error(ours: type, ref: type, prefix: str, kwargs: dict[str, Any], error: type,
+                                 builtin: type) -> None:
+    """``ref(**kwargs)`` (the reference's sub-config) raises ``builtin``; ``ours(**kwargs)`` raises the typed
+    ``error``, an instance of ``builtin`` too, whose message names ``<prefix>.<field>`` (the first key)."""
+    with pytest.raises(builtin):
+        ref(**kwargs)
+    name = next(iter(kwargs))
+    with pytest.raises(error, match=f"{prefix}.{name}") as info:
+        ours(**kwargs)
+    assert isinstance(info.value, builtin)

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from models import causal_lm_inputs, feature_inputs, tiny_bert, tiny_llama
+from method_interop import LinNet, check_interop_both_ways, quantized_linear
+from models import TaskCase, causal_lm_inputs, tiny_llama
 from numerics import TINY_MODEL_REDUCTION, fp_tol
 from safetensors.torch import load_file
 from torch import nn
@@ -238,76 +238,46 @@ def test_block_dropout_matches_reference(monkeypatch: pytest.MonkeyPatch, factor
 
 
 # ---------------------------------------------------------------------------------------------- interop
-def _llama() -> nn.Module:
-    return tiny_llama()
-
-
-def _bert() -> nn.Module:
-    return tiny_bert(None)
-
-
-CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], dict[str, torch.Tensor]], dict[str, Any]]] = {
-    # k_proj/v_proj: 32 -> 16, down_proj: 64 inputs
-    "llama": (_llama, lambda: causal_lm_inputs(2), {"target_modules": ["q_proj", "v_proj", "down_proj"]}),
-    "bert": (_bert, lambda: feature_inputs(2), {"target_modules": ["query", "value", "dense"]}),
-    "conv2d": (_net, lambda: {"x": torch.randn(3, 16, generator=torch.Generator().manual_seed(9))},
-               {"target_modules": ["lin", "conv"]}),
+#: model case -> targets (Llama: k_proj/v_proj map 32 -> 16, down_proj has 64 inputs)
+CASES: dict[str, list[str]] = {
+    "llama-causal": ["q_proj", "v_proj", "down_proj"],
+    "bert-feat": ["query", "value", "dense"],
+    "conv2d": ["lin", "conv"],
 }
+
+
+def _net_inputs(batch_size: int) -> dict[str, torch.Tensor]:
+    return {"x": torch.randn(batch_size, 16, generator=torch.Generator().manual_seed(9))}
+
+
+#: the Linear + Conv2d net of this file as a model case
+NET_CASE = TaskCase("conv2d", None, _net, _net_inputs, CASES["conv2d"], output_key=None)
 BLOCKS = {
     "oft": {"boft_block_size": 4},
     "bnum-f2": {"boft_block_size": 0, "boft_block_num": 4, "boft_n_butterfly_factor": 2},
 }
 
 
-def _out(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+def _perturb_with_bias(model: nn.Module, seed: int) -> None:
+    """:func:`_randomize`, and the trained (``bias="boft_only"``) bias of the net's ``lin`` moved, so it is saved."""
+    _randomize(model, seed)
     with torch.no_grad():
-        out = model(**inputs)
-    if isinstance(out, torch.Tensor):
-        return out
-    return out.logits if "logits" in out else out.last_hidden_state
+        model.base_model.model.lin.base_layer.bias.add_(0.5)
 
 
-def _interop_params() -> Iterator[Any]:
-    for case in CASES:
-        for blocks in BLOCKS:
-            for direction in ("peftkit->peft", "peft->peftkit"):
-                yield pytest.param(case, blocks, direction, id=f"{case}-{blocks}-{direction}")
-
-
-@pytest.mark.parametrize(("case", "blocks", "direction"), list(_interop_params()))
-def test_interop_both_ways(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, blocks: str,
-                           direction: str) -> None:
-    """An adapter perturbed away from the identity, saved by one library and loaded by the other, gives the same
-    outputs (fp32 tolerance); both save the same keys, shapes and dtypes, and the configs agree."""
+@pytest.mark.parametrize("blocks", list(BLOCKS))
+@pytest.mark.parametrize("case", list(CASES))
+def test_interop_both_ways(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str, blocks: str) -> None:
+    """An adapter perturbed away from the identity, saved by either library and loaded by the other, gives the
+    same outputs (1e-5); both save the same keys, shapes, dtypes and config, with every field of the
+    reference's."""
     _fake_fbd_patch(monkeypatch, with_extension=BLOCKS[blocks].get("boft_n_butterfly_factor", 1) > 1)
-    build, inputs, targets = CASES[case]
-    kwargs = {**targets, **BLOCKS[blocks], "bias": "boft_only" if case == "conv2d" else "none"}
-    src_lib, dst_lib = (peftkit, peft) if direction == "peftkit->peft" else (peft, peftkit)
-    src = src_lib.get_peft_model(build(), src_lib.BOFTConfig(**kwargs))
-    _randomize(src, 11)
-    if case == "conv2d":  # bias="boft_only": the adapted layers' biases are saved too
-        with torch.no_grad():
-            src.base_model.model.lin.base_layer.bias.add_(0.5)
-    src.eval()
-    expected = _out(src, inputs())
-    src.save_pretrained(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = dst_lib.PeftModel.from_pretrained(build(), tmp_path).eval()
-    torch.testing.assert_close(_out(loaded, inputs()), expected, **TOL)
-    assert not torch.allclose(_out(build().eval(), inputs()), expected, atol=1e-3)  # the adapter does something
-    ref_state = peft.get_peft_model_state_dict(loaded if dst_lib is peft else src)
-    ours_state = peftkit.get_peft_model_state_dict(loaded if dst_lib is peftkit else src)
-    assert ref_state.keys() == ours_state.keys()
-    for key, tensor in ref_state.items():
-        assert (tensor.shape, tensor.dtype) == (ours_state[key].shape, ours_state[key].dtype), key
-    saved = load_file(str(tmp_path / WEIGHTS))
-    assert saved.keys() == ref_state.keys()
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    kwargs = {"target_modules": CASES[case], **BLOCKS[blocks], "bias": "boft_only" if case == "conv2d" else "none"}
+    check_interop_both_ways(NET_CASE if case == "conv2d" else case, lambda lib: lib.BOFTConfig(**kwargs), tmp_path,
+                            markers=None, perturb=_perturb_with_bias if case == "conv2d" else _randomize,
+                            saved=BLOCKS[blocks], min_change=1e-3)
     ref_fields = peft.BOFTConfig(**kwargs).to_dict().keys()
-    assert set(ref_fields) <= set(config)
-    assert config["peft_type"] == "BOFT"
-    assert {k: config[k] for k in BLOCKS[blocks]} == BLOCKS[blocks]
+    assert set(ref_fields) <= set(json.loads((tmp_path / "ours" / "adapter_config.json").read_text()))
 
 
 # ---------------------------------------------------------------------------------------------- config / errors
@@ -501,37 +471,6 @@ def test_inspect_strength_is_the_distance_from_identity() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- quantized bases
-class _QNet(nn.Module):
-    def __init__(self, lin: nn.Module) -> None:
-        super().__init__()
-        self.lin = lin
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x)
-
-
-def _quantized_linear(variant: str, dense: nn.Linear) -> nn.Module:
-    """``dense`` quantized by bitsandbytes (8-bit, nf4) or torchao (int8 weight-only), on CPU."""
-    if variant == "torchao-int8":
-        quant = pytest.importorskip("torchao.quantization")
-        net = _QNet(nn.Linear(dense.in_features, dense.out_features))
-        net.lin.load_state_dict(dense.state_dict())
-        quant.quantize_(net, quant.Int8WeightOnlyConfig())
-        return net.lin
-    bnb = pytest.importorskip("bitsandbytes")
-    if variant == "8bit":
-        layer = bnb.nn.Linear8bitLt(dense.in_features, dense.out_features, bias=True, has_fp16_weights=False,
-                                    threshold=0.0)
-        layer.weight = bnb.nn.Int8Params(dense.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
-    else:
-        layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=True, compute_dtype=torch.float32,
-                                  quant_type="nf4")
-        layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                         module=layer)
-    layer.bias = nn.Parameter(dense.bias.data.clone(), requires_grad=False)
-    return layer.to("cpu")
-
-
 @pytest.mark.parametrize("variant", ["8bit", "nf4", "torchao-int8"])
 def test_quantized_linear_matches_reference_trains_and_merges(monkeypatch: pytest.MonkeyPatch, variant: str) -> None:
     """On a quantized linear the inputs are rotated (``y = (base(x R) - b) ⊙ s + b``, the reference's form):
@@ -545,12 +484,12 @@ def test_quantized_linear_matches_reference_trains_and_merges(monkeypatch: pytes
         dense = nn.Linear(64, 32)
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(4))
     kwargs = {"target_modules": ["lin"], "boft_block_size": 4, "boft_n_butterfly_factor": 2}
-    ours = get_peft_model(_QNet(_quantized_linear(variant, dense)), BOFTConfig(**kwargs))
+    ours = get_peft_model(LinNet(quantized_linear(variant, dense)), BOFTConfig(**kwargs))
     layer = ours.base_model.model.lin
     assert module_kind(layer) == QUANT_LINEAR
     _randomize(ours, 31)
     rot, s = _plain_rotation(layer.boft_R["default"].detach()).float(), layer.boft_s["default"].detach().flatten()
-    base = _quantized_linear(variant, dense)
+    base = quantized_linear(variant, dense)
     with torch.no_grad():  # train mode throughout: bitsandbytes picks other kernels in eval mode
         quant_error = (base(x) - dense(x)).abs().max().item()
         unmerged = ours(x)
@@ -558,7 +497,7 @@ def test_quantized_linear_matches_reference_trains_and_merges(monkeypatch: pytes
         # kernel's re-quantization of its inputs
         torch.testing.assert_close(unmerged, (base(x @ rot) - base.bias) * s + base.bias, atol=1e-4, rtol=1e-4)
         if variant != "torchao-int8":  # the reference needs transformers' torchao quantizer for torchao layers
-            ref = peft.get_peft_model(_QNet(_quantized_linear(variant, dense)), peft.BOFTConfig(**kwargs))
+            ref = peft.get_peft_model(LinNet(quantized_linear(variant, dense)), peft.BOFTConfig(**kwargs))
             _randomize(ref, 31)
             torch.testing.assert_close(unmerged, ref(x), atol=1e-4, rtol=1e-4)
     ours(x).pow(2).mean().backward()

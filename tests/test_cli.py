@@ -256,6 +256,10 @@ def test_train_every_registered_method(method: str, work: Path, llama_dir: Path,
     prompt += {"miss": ["--r", "8"]}.get(method, [])  # MiSS's default r=64 exceeds the tiny Llama's 32 features
     prompt += {"fourierft": ["--option", "n_frequency=64"]}.get(method, [])  # default 1000 > a 16x32 weight's entries
     prompt += {"vblora": ["--option", "vector_length=16"]}.get(method, [])  # default 256 does not divide 32 / 16 features
+    prompt += {"shira": ["--r", "4"]}.get(method, [])  # SHiRA's default r=32: r * (16 + 32) > a 16x32 weight's entries
+    prompt += {"waveft": ["--option", "n_frequency=64"]}.get(method, [])  # default 2592 > a 16x32 weight's entries
+    prompt += {"c3a": ["--option", "block_size=8"]}.get(method, [])  # default 256 does not divide 32 / 16 features
+    prompt += {"unilora": ["--option", "save_indices=true"]}.get(method, [])  # per-layer tensors for inspect
     cli("train", "--model", llama_dir, "--data", lm_data, "--method", method, "--max-steps", "2", "--batch-size",
         "2", "--lr", "1e-2", *prompt, "--output", out, "--no-progress")
     config = json.loads((out / "adapter_config.json").read_text())

@@ -5,18 +5,23 @@ batches, the one-matmul forward against the reference's two, typed config errors
 from __future__ import annotations
 
 import math
-import os
 import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from method_interop import (
+    case_model,
+    case_output,
+    check_interop_both_ways,
+    check_mixed_batch_rows,
+    interop_case,
+)
 from torch import nn
 
 import peftkit
 from peftkit.errors import ConfigError, UnsupportedModuleError
 from peftkit.methods.fourierft import FourierFTLayer, default_fourierft_targets
-from tests.models import MLP, tiny_bert, tiny_gpt2, tiny_llama
+from tests.models import MLP
 from tests.numerics import TINY_MODEL_REDUCTION, fp_tol
 
 with warnings.catch_warnings():
@@ -26,6 +31,7 @@ with warnings.catch_warnings():
 #: both libraries run the same model; peftkit adds ΔW to W before one matmul, the reference sums two matmuls, and
 #: both run a float32 FFT: a few ulp per term of the longest reductions of the tiny models (tests/numerics.py)
 TOL = fp_tol(torch.float32, TINY_MODEL_REDUCTION)
+LLAMA = "llama-causal"  # the model case (tests/models.py) of the Llama tests
 
 
 # ------------------------------------------------------------------------------------------------ plain reference
@@ -155,7 +161,7 @@ def test_backward_keeps_no_weight_sized_tensor() -> None:
 
 
 def test_init_weights_true_is_exact_identity_and_default_is_not() -> None:
-    model = tiny_llama().eval()
+    model = case_model(LLAMA)
     ids = torch.randint(3, 100, (2, 7))
     with torch.no_grad():
         expected = model(ids).logits
@@ -170,39 +176,12 @@ def test_init_weights_true_is_exact_identity_and_default_is_not() -> None:
 # ------------------------------------------------------------------------------------------------ interop
 
 
-def _llama() -> nn.Module:
-    torch.manual_seed(0)
-    return tiny_llama().eval()
-
-
-def _bert() -> nn.Module:
-    torch.manual_seed(0)
-    return tiny_bert("FEATURE_EXTRACTION").eval()
-
-
-def _gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    return tiny_gpt2().eval()
-
-
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return MLP().eval()
-
-
-def _ids() -> torch.Tensor:
-    return torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(1))
-
-
-#: name -> (build, target_modules, n_frequency, n_frequency_pattern, inputs, output)
-MODELS = {
-    "llama": (_llama, ["q_proj", "v_proj", "up_proj"], 64, {"up_proj": 100}, lambda: {"input_ids": _ids()},
-              lambda o: o.logits),
-    "bert": (_bert, ["query", "value", "intermediate.dense"], 32, {}, lambda: {"input_ids": _ids()},
-             lambda o: o.last_hidden_state),
-    "gpt2": (_gpt2, ["c_attn", "mlp.c_proj"], 48, {"c_attn": 20}, lambda: {"input_ids": _ids()}, lambda o: o.logits),
-    "mlp": (_mlp, ["lin0", "lin1"], 16, {}, lambda: {"x": torch.randn(3, 10, generator=torch.Generator().manual_seed(1))},
-            lambda o: o),
+#: model case (tests/models.py) -> (target_modules, n_frequency, n_frequency_pattern)
+INTEROP_MODELS = {
+    LLAMA: (["q_proj", "v_proj", "up_proj"], 64, {"up_proj": 100}),
+    "bert-feat": (["query", "value", "intermediate.dense"], 32, {}),
+    "gpt2-causal": (["c_attn", "mlp.c_proj"], 48, {"c_attn": 20}),
+    "custom-mlp": (["lin0", "lin1"], 16, {}),
 }
 
 
@@ -215,66 +194,38 @@ def _perturb(model: nn.Module, seed: int = 3) -> None:
 
 
 def _run(model: nn.Module, name: str) -> torch.Tensor:
-    with torch.no_grad():
-        return MODELS[name][5](model(**MODELS[name][4]()))
+    return case_output(model, interop_case(name))
 
 
 def _config(lib, name: str, seed: int = 11):
-    _, targets, n, pattern, _, _ = MODELS[name]
+    targets, n, pattern = INTEROP_MODELS[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the reference warns about fan_in_fan_out on Conv1D
         return lib.FourierFTConfig(n_frequency=n, scaling=30.0, random_loc_seed=seed, target_modules=targets,
                                    n_frequency_pattern=dict(pattern))
 
 
-def _saved(path: str) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(path, "adapter_model.safetensors"))
-
-
-def _essentials(config) -> tuple:
-    return (getattr(config.peft_type, "value", config.peft_type), config.n_frequency, config.scaling,
-            config.random_loc_seed, config.init_weights, dict(config.n_frequency_pattern), set(config.target_modules))
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-def test_peftkit_file_loads_in_reference(name: str, tmp_path) -> None:
-    build = MODELS[name][0]
-    model = peftkit.get_peft_model(build(), _config(peftkit, name)).eval()
-    _perturb(model)
-    model.save_pretrained(str(tmp_path))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = peft.PeftModel.from_pretrained(build(), str(tmp_path)).eval()
-    ours, theirs = _saved(str(tmp_path)), peft.get_peft_model_state_dict(ref)
-    assert set(ours) == set(theirs) and ours
-    assert all(ours[k].shape == theirs[k].shape and ours[k].dtype == theirs[k].dtype for k in ours)
-    assert _essentials(ref.peft_config["default"]) == _essentials(model.peft_config["default"])
-    torch.testing.assert_close(_run(model, name), _run(ref, name), **TOL)
-    assert not torch.allclose(_run(ref, name), _run(build(), name), atol=1e-3)  # the adapter is not identity
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-def test_reference_file_loads_in_peftkit(name: str, tmp_path) -> None:
-    build = MODELS[name][0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = peft.get_peft_model(build(), _config(peft, name, seed=23)).eval()
-    _perturb(ref)
-    ref.save_pretrained(str(tmp_path))
-    model = peftkit.PeftModel.from_pretrained(build(), str(tmp_path)).eval()
-    assert set(peftkit.get_peft_model_state_dict(model)) == set(_saved(str(tmp_path)))
-    assert _essentials(model.peft_config["default"]) == _essentials(ref.peft_config["default"])
-    for ours, theirs in zip(_layers(model), [m for m in ref.modules() if hasattr(m, "fourierft_spectrum")]):
-        assert torch.equal(ours.indices["default"], theirs.indices["default"])
-    torch.testing.assert_close(_run(model, name), _run(ref, name), **TOL)
+@pytest.mark.parametrize("seed", [11, 23])
+@pytest.mark.parametrize("name", list(INTEROP_MODELS))
+def test_interop_both_ways(name: str, seed: int, tmp_path) -> None:
+    """Random spectra: the same saved keys, shapes, dtypes and config essentials, each library loads the other's
+    file with the saver's outputs (1e-5), the same spectral locations from the seed; the adapter is not identity."""
+    _, ref = check_interop_both_ways(
+        name, lambda lib: _config(lib, name, seed), tmp_path, markers=None, perturb=_perturb, min_change=1e-3,
+        essentials=("n_frequency", "scaling", "random_loc_seed", "init_weights", "n_frequency_pattern"))
+    model = peftkit.PeftModel.from_pretrained(case_model(name), str(tmp_path / "ref"))
+    theirs = [m for m in ref.modules() if hasattr(m, "fourierft_spectrum")]
+    assert len(_layers(model)) == len(theirs) > 0
+    for ours, layer in zip(_layers(model), theirs):
+        assert torch.equal(ours.indices["default"], layer.indices["default"])
 
 
 # ------------------------------------------------------------------------------------------------ merging
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", [LLAMA, "gpt2-causal"])
 def test_merge_unmerge_and_merge_and_unload_match_unmerged_outputs(name: str) -> None:
-    model = peftkit.get_peft_model(MODELS[name][0](), _config(peftkit, name)).eval()
+    model = peftkit.get_peft_model(case_model(name), _config(peftkit, name)).eval()
     _perturb(model)
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
     expected = _run(model, name)
@@ -290,13 +241,13 @@ def test_merge_unmerge_and_merge_and_unload_match_unmerged_outputs(name: str) ->
     torch.testing.assert_close(_run(merged, name), expected, **TOL)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", [LLAMA, "gpt2-causal"])
 def test_merge_matches_reference_merge(name: str) -> None:
-    model = peftkit.get_peft_model(MODELS[name][0](), _config(peftkit, name)).eval()
+    model = peftkit.get_peft_model(case_model(name), _config(peftkit, name)).eval()
     _perturb(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = peft.get_peft_model(MODELS[name][0](), _config(peft, name)).eval()
+        ref = peft.get_peft_model(case_model(name), _config(peft, name)).eval()
     missing = ref.load_state_dict(model.state_dict(), strict=False).missing_keys
     assert all(k.endswith("lm_head.weight") for k in missing)  # GPT-2's lm_head is tied to the embeddings
     ours, theirs = model.merge_and_unload(), ref.merge_and_unload()
@@ -323,22 +274,13 @@ def test_two_active_adapters_add_their_updates() -> None:
 
 
 def test_mixed_batch_rows_match_single_adapter_runs() -> None:
-    model = peftkit.get_peft_model(_llama(), _config(peftkit, "llama")).eval()
+    model = peftkit.get_peft_model(case_model(LLAMA), _config(peftkit, LLAMA)).eval()
     _perturb(model, seed=3)
-    model.add_adapter("other", _config(peftkit, "llama", seed=5))
+    model.add_adapter("other", _config(peftkit, LLAMA, seed=5))
     _perturb(model, seed=4)
     ids = torch.randint(3, 100, (3, 6), generator=torch.Generator().manual_seed(2))
     names = ["other", "__base__", "default"]
-    with torch.no_grad():
-        mixed = model(input_ids=ids, adapter_names=names).logits
-        for row, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    single = model(input_ids=ids[row:row + 1]).logits
-            else:
-                model.set_adapter(name)
-                single = model(input_ids=ids[row:row + 1]).logits
-            torch.testing.assert_close(mixed[row:row + 1], single, **TOL)
+    check_mixed_batch_rows(model, {"input_ids": ids}, names, TOL)
 
 
 # ------------------------------------------------------------------------------------------------ config
@@ -373,7 +315,7 @@ def test_conv1d_layers_get_fan_in_fan_out_without_changing_the_users_config() ->
     peftkit records it per layer and in its stored copy (so the saved file says True, as the reference's), and
     leaves the user's config as given."""
     config = peftkit.FourierFTConfig(n_frequency=16, target_modules=["c_attn"])
-    model = peftkit.get_peft_model(_gpt2(), config)
+    model = peftkit.get_peft_model(case_model("gpt2-causal"), config)
     assert config.fan_in_fan_out is False and model.peft_config["default"].fan_in_fan_out is True
     assert all(layer.fan_in_fan_out for layer in _layers(model))
 

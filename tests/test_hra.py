@@ -7,17 +7,14 @@ The generic properties (identity, merge, save/load, multi-adapter, errors) come 
 
 from __future__ import annotations
 
-import json
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from models import CASES_BY_NAME, model_output
+from method_interop import check_interop_both_ways, interop_case
 from numerics import TINY_MODEL_REDUCTION, fp_tol
-from safetensors.torch import load_file
 from torch import nn
 
 from peftkit import HRAConfig, PeftModel, get_peft_model, get_peft_model_state_dict
@@ -324,39 +321,10 @@ ESSENTIALS = ("peft_type", "r", "apply_GS", "init_weights", "bias", "layers_to_t
 def test_interop_both_ways(case_name: str, kwargs: dict[str, Any], tmp_path: Path) -> None:
     """Random (non-identity) adapters: the saved files have the same keys, shapes, dtypes and config essentials,
     and each library loads the other's file with the saver's outputs (1e-5)."""
-    import peft
-
-    case = CASES_BY_NAME[case_name]
+    case = interop_case(case_name)
     kw = {"target_modules": list(case.target_modules), "task_type": case.task_type, "init_weights": False, **kwargs}
-    torch.manual_seed(0)
-    ours = get_peft_model(case.build().eval(), HRAConfig(**kw)).eval()
-    torch.manual_seed(1)
-    ref = peft.get_peft_model(case.build().eval(), peft.HRAConfig(**kw)).eval()
-    ours.save_pretrained(tmp_path / "ours")
-    ref.save_pretrained(tmp_path / "ref")
-
-    a = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "ref" / "adapter_model.safetensors")
-    assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
-    assert set(get_peft_model_state_dict(ours)) == set(peft.get_peft_model_state_dict(ref))
-    ca = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    cb = json.loads((tmp_path / "ref" / "adapter_config.json").read_text())
-    for key in ESSENTIALS:
-        assert ca.get(key) == cb.get(key), key
-    assert sorted(ca["target_modules"]) == sorted(cb["target_modules"])
-
-    def out(model: Any) -> torch.Tensor:
-        with torch.no_grad():
-            return model_output(model(**case.make_inputs(2)), case.output_key)
-
-    loaded = PeftModel.from_pretrained(case.build().eval(), tmp_path / "ref").eval()
-    torch.testing.assert_close(out(loaded), out(ref), atol=ATOL, rtol=0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ref_loaded = peft.PeftModel.from_pretrained(case.build().eval(), tmp_path / "ours").eval()
-    assert not [w for w in caught if "missing adapter keys" in str(w.message)]
-    torch.testing.assert_close(out(ref_loaded), out(ours), atol=ATOL, rtol=0)
-    assert (out(ours) - out(case.build().eval())).abs().max() > 1e-4
+    check_interop_both_ways(case, lambda lib: lib.HRAConfig(**kw), tmp_path, markers=None, essentials=ESSENTIALS,
+                            tol={"atol": ATOL, "rtol": 0})
 
 
 def test_default_targets_are_the_references() -> None:

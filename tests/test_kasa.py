@@ -13,6 +13,7 @@ from lora_variant_helpers import (
     WEIGHTS,
     check_merge_matches_reference,
     check_save_load_round_trip,
+    check_typed_sub_config_error,
     perturb_adapter,
     randn,
     saved_config,
@@ -327,9 +328,4 @@ def test_kasa_config_class_round_trips_with_reference(tmp_path: Path, direction:
     ({"gamma": None}, peftkit.errors.ConfigTypeError, TypeError),
 ])
 def test_kasa_config_validation_is_typed(kwargs: dict[str, object], error: type, builtin: type) -> None:
-    with pytest.raises(builtin):
-        peft.KasaConfig(**kwargs)
-    name = next(iter(kwargs))
-    with pytest.raises(error, match=f"kasa_config.{name}") as info:
-        peftkit.KasaConfig(**kwargs)  # type: ignore[arg-type]
-    assert isinstance(info.value, builtin)
+    check_typed_sub_config_error(peftkit.KasaConfig, peft.KasaConfig, "kasa_config", kwargs, error, builtin)

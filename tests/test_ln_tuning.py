@@ -4,18 +4,17 @@ batches, typed errors."""
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from method_interop import case_model, case_output, check_interop_both_ways, interop_case, perturb_adapter
 from torch import nn
 
 import peftkit
 from peftkit.errors import AdapterConflictError, ConfigError, MergeError
 from peftkit.methods.ln_tuning import LNTuningLayer
-from tests.models import tiny_bert, tiny_llama
+from tests.models import TaskCase, mlp_inputs
 from tests.numerics import TINY_MODEL_REDUCTION, fp_tol
 
 with warnings.catch_warnings():
@@ -40,31 +39,16 @@ class NormMLP(nn.Module):
         return self.lin1(torch.relu(self.norm(self.lin0(x))))
 
 
-def _llama() -> nn.Module:
-    torch.manual_seed(0)
-    return tiny_llama().eval()
-
-
-def _bert() -> nn.Module:
-    torch.manual_seed(0)
-    return tiny_bert("FEATURE_EXTRACTION").eval()
-
-
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
     return NormMLP().eval()
 
 
-def _ids() -> torch.Tensor:
-    return torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(1))
-
-
-#: name -> (build, target_modules (None: the default table), inputs, output)
+#: name -> (model case, target_modules (None: the default table))
 MODELS = {
-    "llama": (_llama, None, lambda: {"input_ids": _ids()}, lambda o: o.logits),
-    "bert": (_bert, ["LayerNorm"], lambda: {"input_ids": _ids()}, lambda o: o.last_hidden_state),
-    "mlp": (_mlp, ["norm"], lambda: {"x": torch.randn(3, 10, generator=torch.Generator().manual_seed(1))},
-            lambda o: o),
+    "llama": (interop_case("llama-causal"), None),
+    "bert": (interop_case("bert-feat"), ["LayerNorm"]),
+    "mlp": (TaskCase("norm-mlp", None, _mlp, mlp_inputs, ["norm"], output_key=None), ["norm"]),
 }
 
 
@@ -74,16 +58,15 @@ def _config(lib, name: str):
 
 
 def _perturb(model: nn.Module, seed: int = 3) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "ln_tuning_" in name:
-                param.add_(torch.randn(param.shape, generator=gen) * 0.3)
+    perturb_adapter(model, ("ln_tuning_",), seed)
 
 
 def _run(model: nn.Module, name: str) -> torch.Tensor:
-    with torch.no_grad():
-        return MODELS[name][3](model(**MODELS[name][2]()))
+    return case_output(model, MODELS[name][0])
+
+
+def _llama() -> nn.Module:
+    return case_model("llama-causal")
 
 
 def _layers(model: nn.Module) -> dict[str, LNTuningLayer]:
@@ -121,7 +104,7 @@ def test_rms_norm_copy_matches_plain_formula_and_only_norms_train() -> None:
     expected = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * layer.ln_tuning_layers["default"].weight
     torch.testing.assert_close(layer(x), expected.detach(), **fp_tol(torch.float32, 32))
     model.train()
-    model(input_ids=_ids(), labels=_ids()).loss.backward()
+    model(**MODELS["llama"][0].make_inputs(2)).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
 
 
@@ -138,36 +121,12 @@ def test_identity_at_init_and_disable_are_exact() -> None:
 # ------------------------------------------------------------------------------------------------ interop
 
 
-def _essentials(config) -> tuple:
-    return (getattr(config.peft_type, "value", config.peft_type), set(config.target_modules),
-            config.exclude_modules, config.modules_to_save)
-
-
 @pytest.mark.parametrize("name", list(MODELS))
-def test_peftkit_file_loads_in_reference(name: str, tmp_path) -> None:
-    build = MODELS[name][0]
-    model = peftkit.get_peft_model(build(), _config(peftkit, name)).eval()
-    _perturb(model)
-    model.save_pretrained(str(tmp_path))
-    ref = peft.PeftModel.from_pretrained(build(), str(tmp_path)).eval()
-    ours = load_file(os.path.join(tmp_path, "adapter_model.safetensors"))
-    theirs = peft.get_peft_model_state_dict(ref)
-    assert set(ours) == set(theirs) and all(ours[k].shape == theirs[k].shape for k in ours)
-    assert _essentials(ref.peft_config["default"]) == _essentials(model.peft_config["default"])
-    torch.testing.assert_close(_run(ref, name), _run(model, name), **TOL)
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-def test_reference_file_loads_in_peftkit(name: str, tmp_path) -> None:
-    build = MODELS[name][0]
-    ref = peft.get_peft_model(build(), _config(peft, name)).eval()
-    _perturb(ref)
-    ref.save_pretrained(str(tmp_path))
-    model = peftkit.PeftModel.from_pretrained(build(), str(tmp_path)).eval()
-    assert set(peftkit.get_peft_model_state_dict(model)) == set(load_file(os.path.join(tmp_path,
-                                                                                        "adapter_model.safetensors")))
-    assert _essentials(model.peft_config["default"]) == _essentials(ref.peft_config["default"])
-    torch.testing.assert_close(_run(model, name), _run(ref, name), **TOL)
+def test_interop_both_ways(name: str, tmp_path) -> None:
+    """Perturbed norm copies: the same saved keys, shapes, dtypes and config essentials, and each library loads the
+    other's file with the saver's outputs (1e-5); the adapter is not identity."""
+    check_interop_both_ways(MODELS[name][0], lambda lib: _config(lib, name), tmp_path, markers=("ln_tuning_",),
+                            essentials=("exclude_modules", "modules_to_save"))
 
 
 # ------------------------------------------------------------------------------------------------ merging

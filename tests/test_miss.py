@@ -7,16 +7,14 @@ The generic properties (identity, merge, save/load, multi-adapter, errors) come 
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from models import CASES_BY_NAME, model_output
+from method_interop import check_interop_both_ways, interop_case, quantized_linear
 from numerics import fp_tol
-from safetensors.torch import load_file
 from torch import nn
 
 from peftkit import MissConfig, PeftModel, get_peft_model, get_peft_model_state_dict
@@ -267,56 +265,17 @@ ESSENTIALS = ("peft_type", "r", "mini_r", "miss_dropout", "init_weights", "bias"
 def test_interop_both_ways(case_name: str, kwargs: dict[str, Any], tmp_path: Path) -> None:
     """Randomised blocks: the saved files have the same keys, shapes, dtypes and config essentials, and each library
     loads the other's file with the saver's outputs (1e-5)."""
-    import peft
-
-    case = CASES_BY_NAME[case_name]
+    case = interop_case(case_name)
     kw = {"target_modules": list(case.target_modules), "task_type": case.task_type, **kwargs}
-    torch.manual_seed(0)
-    ours = get_peft_model(case.build().eval(), MissConfig(**kw)).eval()
-    _randomize(ours, 1, scale=0.1)
-    torch.manual_seed(1)
-    ref = peft.get_peft_model(case.build().eval(), peft.MissConfig(**kw)).eval()
-    _randomize(ref, 2, scale=0.1)
-    ours.save_pretrained(tmp_path / "ours")
-    ref.save_pretrained(tmp_path / "ref")
-
-    a = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "ref" / "adapter_model.safetensors")
-    assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
-    assert set(get_peft_model_state_dict(ours)) == set(peft.get_peft_model_state_dict(ref))
-    ca = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    cb = json.loads((tmp_path / "ref" / "adapter_config.json").read_text())
-    for key in ESSENTIALS:
-        assert ca.get(key) == cb.get(key), key
-    assert sorted(ca["target_modules"]) == sorted(cb["target_modules"])
-
-    def out(model: Any) -> torch.Tensor:
-        with torch.no_grad():
-            return model_output(model(**case.make_inputs(2)), case.output_key)
-
-    loaded = PeftModel.from_pretrained(case.build().eval(), tmp_path / "ref").eval()
-    torch.testing.assert_close(out(loaded), out(ref), atol=ATOL, rtol=0)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        ref_loaded = peft.PeftModel.from_pretrained(case.build().eval(), tmp_path / "ours").eval()
-    assert not [w for w in caught if "missing adapter keys" in str(w.message)]
-    torch.testing.assert_close(out(ref_loaded), out(ours), atol=ATOL, rtol=0)
-    assert (out(ours) - out(case.build().eval())).abs().max() > 1e-4
+    check_interop_both_ways(case, lambda lib: lib.MissConfig(**kw), tmp_path, essentials=ESSENTIALS,
+                            markers=None, perturb=lambda model, seed: _randomize(model, seed, scale=0.1),
+                            tol={"atol": ATOL, "rtol": 0})
 
 
 # ------------------------------------------------------------------------------------------------ quantized
 #: merged-vs-unmerged output difference allowed, in units of the base's own quantization error (merging
 #: re-quantizes; tests/test_quantized.py measures the same bound for LoRA)
 QUANT_K = 5.0
-
-
-def _bnb_8bit(dense: nn.Linear) -> nn.Module:
-    bnb = pytest.importorskip("bitsandbytes")
-    layer = bnb.nn.Linear8bitLt(dense.in_features, dense.out_features, bias=True, has_fp16_weights=False,
-                                threshold=0.0)
-    layer.weight = bnb.nn.Int8Params(dense.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
-    layer.bias = nn.Parameter(dense.bias.data.clone(), requires_grad=False)
-    return nn.Sequential(layer.to("cpu"))
 
 
 @pytest.mark.parametrize("init", [True, "bat", "mini"])
@@ -331,9 +290,9 @@ def test_quantized_linear_matches_the_reference_and_merges(init: Any) -> None:
     dense = nn.Linear(64, 32)
     x = torch.randn(8, 64)
     cfg = {"r": 8, "init_weights": init, "mini_r": 4, "target_modules": ["0"]}
-    ours = get_peft_model(_bnb_8bit(dense), MissConfig(**cfg))
+    ours = get_peft_model(nn.Sequential(quantized_linear("8bit", dense)), MissConfig(**cfg))
     _randomize(ours, 1, scale=0.05)
-    ref = peft.get_peft_model(_bnb_8bit(dense), peft.MissConfig(**cfg))
+    ref = peft.get_peft_model(nn.Sequential(quantized_linear("8bit", dense)), peft.MissConfig(**cfg))
     peft.set_peft_model_state_dict(ref, get_peft_model_state_dict(ours))
     assert module_kind(ours.base_model.model[0]) == QUANT_LINEAR
     ours(x).square().mean().backward()
@@ -342,7 +301,7 @@ def test_quantized_linear_matches_the_reference_and_merges(init: Any) -> None:
     ours.eval()
     ref.eval()
     with torch.no_grad():
-        quant_error = (_bnb_8bit(dense)(x) - dense(x)).abs().max().item()
+        quant_error = (nn.Sequential(quantized_linear("8bit", dense))(x) - dense(x)).abs().max().item()
         unmerged = ours(x)
         # same int8 kernel and the same float32 update: a few ulp of the 64-long sums
         torch.testing.assert_close(unmerged, ref(x), **fp_tol(torch.float32, 64))

@@ -99,8 +99,8 @@ def test_mixed_mapping_lists_the_compatible_methods() -> None:
     from peft.tuners.mixed import COMPATIBLE_TUNER_TYPES
 
     mixed = {str(k) for k in peftkit.PEFT_TYPE_TO_MIXED_MODEL_MAPPING}
-    assert mixed == {"LORA", "LOHA", "LOKR", "ADALORA", "OFT"}
-    assert mixed <= {str(t.value) for t in COMPATIBLE_TUNER_TYPES}  # IA3 is not: the reference refuses it too
+    assert mixed == {"LORA", "LOHA", "LOKR", "ADALORA", "OFT", "SHIRA"}
+    assert mixed == {str(t.value) for t in COMPATIBLE_TUNER_TYPES}  # IA3 is not: the reference refuses it too
     assert peftkit.PEFT_TYPE_TO_MIXED_MODEL_MAPPING["LOHA"] is peftkit.LoHaModel
 
 

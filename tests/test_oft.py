@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from models import MLP, EmbModel, _seeded_build, causal_lm_inputs, seq_cls_inputs, tiny_bert, tiny_llama
+from method_interop import LinNet, case_output, check_interop_both_ways, interop_case, quantized_linear
+from models import MLP, TaskCase, _seeded_build, seq_cls_inputs, tiny_bert
 from numerics import TINY_MODEL_REDUCTION, fp_tol
 from torch import nn
 
@@ -132,71 +133,58 @@ def _tensor(*shape: int) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(3))
 
 
-#: name -> (base model factory, inputs, target_modules, extra config, output of a model call)
-CASES: dict[str, tuple[Callable[[], nn.Module], Callable[[], dict], list[str], dict, Callable]] = {
-    "llama": (tiny_llama, lambda: causal_lm_inputs(2), ["q_proj", "v_proj", "down_proj"], {"oft_block_size": 8},
-              lambda out: out.logits),
+def _bert_inputs(batch_size: int) -> dict:
+    return {**seq_cls_inputs(batch_size), "output_hidden_states": True}
+
+
+def _conv_inputs(batch_size: int) -> dict:
+    return {"x": _tensor(batch_size, 8, 5, 5)}
+
+
+#: name -> (model case, target_modules, extra config, output of a model call (None: the case's output_key))
+CASES: dict[str, tuple[TaskCase, list[str], dict, Callable | None]] = {
+    "llama": (interop_case("llama-causal"), ["q_proj", "v_proj", "down_proj"], {"oft_block_size": 8}, None),
     # BERT's classifier logits are ~1e-2: compare the last hidden state, where the rotation shows clearly
-    "bert": (lambda: tiny_bert("SEQ_CLS"), lambda: {**seq_cls_inputs(2), "output_hidden_states": True},
+    "bert": (TaskCase("bert-seqcls-hidden", "SEQ_CLS", lambda: tiny_bert("SEQ_CLS"), _bert_inputs),
              ["query", "value"], {"r": 4, "oft_block_size": 0, "use_cayley_neumann": False},
              lambda out: out.hidden_states[-1]),
-    "mlp": (_seeded_build(MLP), lambda: {"x": _tensor(3, 10)}, ["lin0", "lin1"], {"oft_block_size": 4},
-            lambda out: out),
-    "emb": (_seeded_build(EmbModel), lambda: {"x": torch.randint(0, 100, (2, 5),
-                                                                 generator=torch.Generator().manual_seed(4))},
-            ["emb", "lin0"], {"oft_block_size": 4, "block_share": True}, lambda out: out),
-    "conv1x1": (_seeded_build(Conv1x1), lambda: {"x": _tensor(2, 8, 5, 5)}, ["conv", "head"],
-                {"oft_block_size": 2, "coft": True, "eps": 0.05}, lambda out: out),
+    "mlp": (interop_case("custom-mlp"), ["lin0", "lin1"], {"oft_block_size": 4}, None),
+    "emb": (interop_case("custom-emb"), ["emb", "lin0"], {"oft_block_size": 4, "block_share": True}, None),
+    "conv1x1": (TaskCase("conv1x1", None, _seeded_build(Conv1x1), _conv_inputs, output_key=None), ["conv", "head"],
+                {"oft_block_size": 2, "coft": True, "eps": 0.05}, None),
 }
 
 
 def _config(lib, name: str) -> object:
-    _, _, targets, extra, _ = CASES[name]
+    _, targets, extra, _ = CASES[name]
     task = "SEQ_CLS" if name == "bert" else None
     return lib.OFTConfig(target_modules=targets, init_weights=False, task_type=task, **extra)
 
 
+def _base(name: str) -> nn.Module:
+    return CASES[name][0].build().eval()
+
+
 def _output(model: nn.Module, name: str) -> torch.Tensor:
-    _, inputs, _, _, pick = CASES[name]
-    with torch.no_grad():
-        return pick(model(**inputs()))
+    case, _, _, pick = CASES[name]
+    return case_output(model, case, output=pick)
 
 
 def _build(lib, name: str, seed: int = 0) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # block sizes fitted to the layers warn, as in the reference
         torch.manual_seed(seed)
-        return lib.get_peft_model(CASES[name][0](), _config(lib, name)).eval()
+        return lib.get_peft_model(_base(name), _config(lib, name)).eval()
 
 
-def _load(lib, name: str, path) -> nn.Module:
+@pytest.mark.parametrize("name", list(CASES))
+def test_interop_both_ways(name: str, tmp_path) -> None:
+    """Random (non-identity) adapters: each library loads the other's file with the saver's outputs (1e-5), with the
+    same saved keys, shapes and dtypes."""
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return lib.PeftModel.from_pretrained(CASES[name][0](), path).eval()
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_peftkit_file_loads_in_reference(name: str, tmp_path) -> None:
-    model = _build(peftkit, name)
-    expected = _output(model, name)
-    assert (expected - _output(CASES[name][0]().eval(), name)).abs().max() > 1e-3  # not identity
-    model.save_pretrained(tmp_path)
-    theirs = _load(peft, name, tmp_path)
-    torch.testing.assert_close(_output(theirs, name), expected, **TOL)
-    assert set(peft.get_peft_model_state_dict(theirs)) == set(peftkit.get_peft_model_state_dict(model))
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_reference_file_loads_in_peftkit(name: str, tmp_path) -> None:
-    theirs = _build(peft, name)
-    theirs.save_pretrained(tmp_path)
-    ours = _load(peftkit, name, tmp_path)
-    torch.testing.assert_close(_output(ours, name), _output(theirs, name), **TOL)
-    mine = peftkit.get_peft_model_state_dict(ours)
-    ref = peft.get_peft_model_state_dict(theirs)
-    assert set(mine) == set(ref)
-    for key in ref:
-        assert mine[key].shape == ref[key].shape and mine[key].dtype == ref[key].dtype, key
+        warnings.simplefilter("ignore")  # block sizes fitted to the layers warn, as in the reference
+        check_interop_both_ways(CASES[name][0], lambda lib: _config(lib, name), tmp_path, markers=None,
+                                output=CASES[name][3], min_change=1e-3)
 
 
 @pytest.mark.parametrize("name", ["llama", "conv1x1"])
@@ -242,7 +230,7 @@ def test_merge_unmerge_and_unload_match_unmerged(name: str) -> None:
     model.unmerge_adapter()
     torch.testing.assert_close(_output(model, name), expected, **TOL)
     with model.disable_adapter():
-        torch.testing.assert_close(_output(model, name), _output(CASES[name][0]().eval(), name), **TOL)
+        torch.testing.assert_close(_output(model, name), _output(_base(name), name), **TOL)
     merged = model.merge_and_unload()
     assert not any(isinstance(m, OFTLayer) for m in merged.modules())
     torch.testing.assert_close(_output(merged, name), expected, **TOL)
@@ -344,50 +332,20 @@ def test_other_convolutions_identity_at_init_and_merge(conv: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ quantized bases
-def _quantized_linear(dense: nn.Linear, variant: str) -> nn.Module:
-    if variant == "torchao-int8":
-        quant = pytest.importorskip("torchao.quantization")
-        net = _Net(nn.Linear(dense.in_features, dense.out_features))
-        net.lin.load_state_dict(dense.state_dict())
-        quant.quantize_(net, quant.Int8WeightOnlyConfig())
-        return net.lin
-    bnb = pytest.importorskip("bitsandbytes")
-    if variant == "8bit":
-        layer = bnb.nn.Linear8bitLt(dense.in_features, dense.out_features, bias=True, has_fp16_weights=False,
-                                    threshold=0.0)
-        layer.weight = bnb.nn.Int8Params(dense.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
-    else:
-        layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=True, compute_dtype=torch.float32,
-                                  quant_type="nf4")
-        layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                         module=layer)
-    layer.bias = nn.Parameter(dense.bias.data.clone(), requires_grad=False)
-    return layer.to("cpu")
-
-
-class _Net(nn.Module):
-    def __init__(self, lin: nn.Module) -> None:
-        super().__init__()
-        self.lin = lin
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x)
-
-
 def _check_quantized_interop(model: nn.Module, dense: nn.Linear, variant: str, x: torch.Tensor,
                              unmerged: torch.Tensor, tmp_path) -> None:
     """peftkit's file in the reference and the reference's file in peftkit give the same outputs."""
     model.save_pretrained(tmp_path)
-    theirs = peft.PeftModel.from_pretrained(_Net(_quantized_linear(dense, variant)), tmp_path).train()  # same kernels
+    theirs = peft.PeftModel.from_pretrained(LinNet(quantized_linear(variant, dense)), tmp_path).train()  # same kernels
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), unmerged, atol=2e-4, rtol=0)  # same quantized kernel, other order
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.manual_seed(2)
-        ref = peft.get_peft_model(_Net(_quantized_linear(dense, variant)), peft.OFTConfig(
+        ref = peft.get_peft_model(LinNet(quantized_linear(variant, dense)), peft.OFTConfig(
             target_modules=["lin"], oft_block_size=16, init_weights=False))
     ref.save_pretrained(tmp_path / "ref")
-    ours = peftkit.PeftModel.from_pretrained(_Net(_quantized_linear(dense, variant)), tmp_path / "ref").train()
+    ours = peftkit.PeftModel.from_pretrained(LinNet(quantized_linear(variant, dense)), tmp_path / "ref").train()
     with torch.no_grad():
         torch.testing.assert_close(ours(x), ref(x), atol=2e-4, rtol=0)
 
@@ -399,7 +357,7 @@ def test_quantized_linear_trains_merges_and_interops(variant: str, tmp_path) -> 
     torch.manual_seed(0)
     dense = nn.Linear(64, 32)
     x = torch.randn(8, 64)
-    base = _Net(_quantized_linear(dense, variant))
+    base = LinNet(quantized_linear(variant, dense))
     with torch.no_grad():  # train mode throughout: bitsandbytes picks other kernels in eval mode
         expected = base(x)
         quant_error = (expected - dense(x)).abs().max().item()
@@ -407,7 +365,7 @@ def test_quantized_linear_trains_merges_and_interops(variant: str, tmp_path) -> 
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), expected, atol=1e-6, rtol=0)
     torch.manual_seed(1)
-    model = peftkit.get_peft_model(_Net(_quantized_linear(dense, variant)), peftkit.OFTConfig(
+    model = peftkit.get_peft_model(LinNet(quantized_linear(variant, dense)), peftkit.OFTConfig(
         target_modules=["lin"], oft_block_size=16, init_weights=False))
     model(x).pow(2).mean().backward()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -8,27 +8,31 @@ purpose (unmerge works; several active adapters add).
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from method_interop import (
+    case_model,
+    case_output,
+    check_interop_both_ways,
+    check_mixed_batch_rows,
+    interop_case,
+    perturb_adapter,
+)
 from torch import nn
 
 import peftkit
 from peftkit.errors import ConfigError, UnsupportedModuleError
 from peftkit.methods.osf import OSFLayer, decompose_weight_matrix, project_gradient_to_orthogonal_space
 from peftkit.methods.osf.layers import _ProjectGrad, project_grad_reference
-from tests.models import MLP, tiny_bert, tiny_gpt2, tiny_llama
+from tests.models import tiny_gpt2
 from tests.numerics import TINY_MODEL_REDUCTION, fp_tol
 
 peft = pytest.importorskip("peft")
 from peft.tuners.osf import utils as ref_utils
 
-WEIGHTS = "adapter_model.safetensors"
 #: same SVDs of the same weights in both libraries; the update runs through other matmul orders (two skinny products
 #: against one concatenated one): a few ulp per term of the tiny models' longest reduction
 TOL = fp_tol(torch.float32, TINY_MODEL_REDUCTION)
@@ -40,49 +44,31 @@ CONFIGS = {
 }
 
 
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return MLP().eval()
-
-
-def _llama() -> nn.Module:
-    return tiny_llama().eval()
-
-
-def _bert() -> nn.Module:
-    return tiny_bert("FEATURE_EXTRACTION").eval()
-
-
-#: model name -> (factory, targets, inputs, output of the forward)
+#: model name -> (model case of tests/models.py, targets)
 MODELS = {
-    "mlp": (_mlp, ["lin0", "lin1"], lambda: {"x": torch.randn(3, 10, generator=torch.Generator().manual_seed(2))},
-            lambda out: out),
-    "llama": (_llama, ["q_proj", "v_proj", "k_proj", "down_proj"],
-              lambda: {"input_ids": torch.tensor([[1, 5, 9, 3, 60, 7]])}, lambda out: out.logits),
-    "bert": (_bert, ["query", "value", "dense"], lambda: {"input_ids": torch.tensor([[2, 5, 9, 3, 60, 7]])},
-             lambda out: out.last_hidden_state),
+    "mlp": ("custom-mlp", ["lin0", "lin1"]),
+    "llama": ("llama-causal", ["q_proj", "v_proj", "k_proj", "down_proj"]),
+    "bert": ("bert-feat", ["query", "value", "dense"]),
 }
 
 
+def _base(name: str) -> nn.Module:
+    return case_model(MODELS[name][0])
+
+
 def _output(model: nn.Module, name: str) -> torch.Tensor:
-    _, _, inputs, pick = MODELS[name]
-    with torch.no_grad():
-        return pick(model(**inputs()))
+    return case_output(model, interop_case(MODELS[name][0]))
 
 
 def _perturb(model: nn.Module, seed: int = 3) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "osf_svd_params" in name:
-                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+    perturb_adapter(model, ("osf_svd_params",), seed, scale=0.1)
 
 
 def _build(lib, name: str, options: str, **extra) -> nn.Module:
     config = lib.OSFConfig(target_modules=MODELS[name][1], **{**CONFIGS[options], **extra})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = lib.get_peft_model(MODELS[name][0](), config)
+        model = lib.get_peft_model(_base(name), config)
     _perturb(model)
     return model.eval()
 
@@ -117,7 +103,7 @@ def test_layer_matches_plain_formula(options: str) -> None:
 def test_gradients_are_orthogonal_to_the_frozen_subspace(name: str) -> None:
     model = _build(peftkit, "mlp", "int-pattern")
     model.train()
-    x = MODELS["mlp"][2]()["x"]
+    x = interop_case("custom-mlp").make_inputs(3)["x"]
     model(x=x).pow(2).sum().backward()
     layer = getattr(model.base_model.model, name)
     W = layer.get_base_layer().weight.detach().double()
@@ -176,8 +162,8 @@ def test_utils_match_the_reference() -> None:
 
 
 def test_identity_at_init_and_nothing_but_the_low_factors_is_saved() -> None:
-    base = _output(_llama(), "llama")
-    model = peftkit.get_peft_model(_llama(), peftkit.OSFConfig(target_modules=["q_proj", "k_proj"]))
+    base = _output(_base("llama"), "llama")
+    model = peftkit.get_peft_model(_base("llama"), peftkit.OSFConfig(target_modules=["q_proj", "k_proj"]))
     # initial factors are the same tensors as the frozen copies: the update is U₀S₀V₀x − U₀S₀V₀x, exactly 0
     torch.testing.assert_close(_output(model, "llama"), base, atol=0, rtol=0)  # (see the comment above)
     saved = peftkit.get_peft_model_state_dict(model)
@@ -190,31 +176,16 @@ def test_identity_at_init_and_nothing_but_the_low_factors_is_saved() -> None:
 
 @pytest.mark.parametrize("options", list(CONFIGS))
 @pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("saver", ["peftkit", "peft"])
-def test_interop_both_ways(saver: str, name: str, options: str, tmp_path: Path) -> None:
-    """A perturbed adapter saved by one library loads in the other with the same outputs, keys and config."""
-    save_lib, load_lib = (peftkit, peft) if saver == "peftkit" else (peft, peftkit)
-    model = _build(save_lib, name, options)
-    expected = _output(model, name)
-    assert (expected - _output(MODELS[name][0](), name)).abs().max() > 1e-3  # not an identity adapter
-    model.save_pretrained(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = load_lib.PeftModel.from_pretrained(MODELS[name][0](), tmp_path).eval()
-    torch.testing.assert_close(_output(loaded, name), expected, **TOL)
-    ref = peft.get_peft_model_state_dict(loaded if load_lib is peft else model)
-    saved = load_file(os.path.join(tmp_path, WEIGHTS))
-    assert {k: (v.shape, v.dtype) for k, v in saved.items()} == {k: (v.shape, v.dtype) for k, v in ref.items()}
-    assert set(peftkit.get_peft_model_state_dict(loaded if load_lib is peftkit else model)) == set(ref)
-    stored = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert stored["peft_type"] == "OSF"
-    for key, value in CONFIGS[options].items():
-        assert stored[key] == value, key
+def test_interop_both_ways(name: str, options: str, tmp_path: Path) -> None:
+    """A perturbed adapter saved by either library loads in the other with the same outputs (1e-5), keys and
+    config; the adapter is not identity."""
+    check_interop_both_ways(MODELS[name][0], lambda lib: lib.OSFConfig(target_modules=MODELS[name][1], **CONFIGS[options]), tmp_path,
+                            markers=None, perturb=_perturb, min_change=1e-3, saved=CONFIGS[options])
 
 
 def test_default_targets_all_linear_on_custom_models_as_the_reference() -> None:
-    ours = peftkit.get_peft_model(_mlp(), peftkit.OSFConfig())
-    ref = peft.get_peft_model(_mlp(), peft.OSFConfig())
+    ours = peftkit.get_peft_model(_base("mlp"), peftkit.OSFConfig())
+    ref = peft.get_peft_model(_base("mlp"), peft.OSFConfig())
     names = lambda m, cls: sorted(n.rsplit(".", 1)[-1] for n, x in m.named_modules() if isinstance(x, cls))
     assert names(ours, OSFLayer) == names(ref, peft.tuners.osf.OSFLayer) == ["lin0", "lin1"]
 
@@ -227,7 +198,7 @@ def test_merge_unmerge_and_merge_and_unload(options: str) -> None:
     """Merging adds ``U_low S_low V_low − U₀S₀V₀``; unmerging (which the reference cannot do) restores the
     weights."""
     model = _build(peftkit, "llama", options)
-    base = _output(_llama(), "llama")
+    base = _output(_base("llama"), "llama")
     expected = _output(model, "llama")
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer.weight" in n}
     model.merge_adapter()
@@ -256,7 +227,7 @@ def test_two_active_adapters_add_like_their_merge() -> None:
     other = _output(model, "mlp")
     model.set_adapter("default")
     default = _output(model, "mlp")
-    base = _output(_mlp(), "mlp")
+    base = _output(_base("mlp"), "mlp")
     model.base_model.set_adapter(["default", "other"])
     assert (both - default).abs().max() > 1e-3 and (both - other).abs().max() > 1e-3
     model.merge_adapter(["default", "other"])
@@ -282,7 +253,7 @@ def test_bad_rank_pattern_and_rank_resolving_to_zero_raise() -> None:
         peftkit.OSFConfig(target_modules=["q_proj"], rank_pattern={"q": -1})
     assert info.value.field == "rank_pattern['q']"
     with pytest.raises(ConfigError, match=r"effective_rank=0.01.*min\(out, in\) = 2") as info:
-        peftkit.get_peft_model(_mlp(), peftkit.OSFConfig(target_modules=["lin1"], effective_rank=0.01))
+        peftkit.get_peft_model(_base("mlp"), peftkit.OSFConfig(target_modules=["lin1"], effective_rank=0.01))
     assert info.value.field == "effective_rank"
     with pytest.raises(UnsupportedModuleError, match="OSF supports torch.nn.Linear"):
         peftkit.get_peft_model(tiny_gpt2(), peftkit.OSFConfig(target_modules=["c_attn"]))
@@ -294,16 +265,11 @@ def test_mixed_batch_routes_each_row_to_its_adapter() -> None:
     model = _build(peftkit, "llama", "int-pattern")
     model.add_adapter("other", peftkit.OSFConfig(target_modules=MODELS["llama"][1], init_weights=False))
     ids = torch.tensor([[1, 5, 9, 3, 60, 7], [4, 8, 2, 6, 10, 12]])
-    with torch.no_grad():
-        mixed = model(input_ids=ids, adapter_names=["default", "other"]).logits
-        model.set_adapter("other")
-        other = model(input_ids=ids).logits
-        model.set_adapter("default")
-        default = model(input_ids=ids).logits
-    assert (other[1] - default[1]).abs().max() > 1e-3
     # row-gathered inputs run the same kernels on fewer rows: fp32 tolerance of the tiny model
-    torch.testing.assert_close(mixed[0], default[0], **TOL)
-    torch.testing.assert_close(mixed[1], other[1], **TOL)
+    mixed = check_mixed_batch_rows(model, {"input_ids": ids}, ["default", "other"], TOL)
+    model.set_adapter("default")
+    with torch.no_grad():  # row 1 really gets the other adapter
+        assert (mixed[1] - model(input_ids=ids[1:]).logits[0]).abs().max() > 1e-3
 
 
 def test_inspect_reports_the_trained_low_part(tmp_path: Path) -> None:

@@ -8,25 +8,29 @@ encoder and a custom MLP.
 
 from __future__ import annotations
 
-import json
-import os
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from method_interop import (
+    case_model,
+    case_output,
+    check_interop_both_ways,
+    check_mixed_batch_rows,
+    interop_case,
+    perturb_adapter,
+)
 from torch import nn
 
 import peftkit
 from peftkit.errors import ConfigError, UnsupportedModuleError
 from peftkit.methods.psoft import PsoftLayer
-from tests.models import MLP, tiny_bert, tiny_gpt2, tiny_llama
+from tests.models import tiny_gpt2
 from tests.numerics import TINY_MODEL_REDUCTION, fp_tol
 
 peft = pytest.importorskip("peft")
 
-WEIGHTS = "adapter_model.safetensors"
 #: both libraries run the same math through their own matmul orders (x Aᵀ (R − I)ᵀ Bᵀ against (xAᵀRᵀ − xAᵀ) Bᵀ) and
 #: identical SVDs of the same weights: a few ulp per term of the tiny models' longest reduction
 TOL = fp_tol(torch.float32, TINY_MODEL_REDUCTION)
@@ -41,34 +45,20 @@ CONFIGS = {
 }
 
 
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return MLP().eval()
-
-
-def _llama() -> nn.Module:
-    return tiny_llama().eval()
-
-
-def _bert() -> nn.Module:
-    return tiny_bert("FEATURE_EXTRACTION").eval()
-
-
-#: model name -> (factory, targets, inputs, output of the forward)
+#: model name -> (model case of tests/models.py, targets)
 MODELS = {
-    "mlp": (_mlp, ["lin0", "lin1"], lambda: {"x": torch.randn(3, 10, generator=torch.Generator().manual_seed(2))},
-            lambda out: out),
-    "llama": (_llama, ["q_proj", "v_proj", "down_proj"], lambda: {"input_ids": torch.tensor([[1, 5, 9, 3, 60, 7]])},
-              lambda out: out.logits),
-    "bert": (_bert, ["query", "value", "dense"], lambda: {"input_ids": torch.tensor([[2, 5, 9, 3, 60, 7]])},
-             lambda out: out.last_hidden_state),
+    "mlp": ("custom-mlp", ["lin0", "lin1"]),
+    "llama": ("llama-causal", ["q_proj", "v_proj", "down_proj"]),
+    "bert": ("bert-feat", ["query", "value", "dense"]),
 }
 
 
+def _base(name: str) -> nn.Module:
+    return case_model(MODELS[name][0])
+
+
 def _output(model: nn.Module, name: str) -> torch.Tensor:
-    _, _, inputs, pick = MODELS[name]
-    with torch.no_grad():
-        return pick(model(**inputs()))
+    return case_output(model, interop_case(MODELS[name][0]))
 
 
 def _config(lib, name: str, options: str, **extra) -> object:
@@ -81,17 +71,13 @@ def _config(lib, name: str, options: str, **extra) -> object:
 
 def _perturb(model: nn.Module, seed: int = 3) -> None:
     """Move every trained tensor of R away from its init (R ≠ I, scale vectors ≠ 1)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "psoft_R" in name:
-                param.add_(torch.randn(param.shape, generator=gen) * 0.2)
+    perturb_adapter(model, ("psoft_R",), seed, scale=0.2)
 
 
 def _build(lib, name: str, options: str) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = lib.get_peft_model(MODELS[name][0](), _config(lib, name, options))
+        model = lib.get_peft_model(_base(name), _config(lib, name, options))
     _perturb(model)
     return model.eval()
 
@@ -165,7 +151,7 @@ def test_layer_matches_plain_formula(options: str) -> None:
 def test_cayley_R_is_orthogonal_and_frozen_factors_do_not_train() -> None:
     config = peftkit.PsoftConfig(r=2, target_modules=["lin0"], psoft_mag_a=False, psoft_mag_b=False,
                                  init_weights=False)
-    model = peftkit.get_peft_model(_mlp(), config)
+    model = peftkit.get_peft_model(_base("mlp"), config)
     layer = model.base_model.model.lin0
     R = layer.psoft_R["default"].matrix().detach().double()
     torch.testing.assert_close(R @ R.T, torch.eye(2, dtype=torch.float64), **fp_tol(torch.float32, 2))
@@ -177,9 +163,9 @@ def test_cayley_R_is_orthogonal_and_frozen_factors_do_not_train() -> None:
 
 def test_identity_at_init_exactly() -> None:
     """R = I exactly at init (Q = 0 solves to I), so the update is zero and the output is the base output."""
-    base = _output(_llama(), "llama")
+    base = _output(_base("llama"), "llama")
     for options in CONFIGS:
-        model = peftkit.get_peft_model(_llama(), _config(peftkit, "llama", options))
+        model = peftkit.get_peft_model(_base("llama"), _config(peftkit, "llama", options))
         torch.testing.assert_close(_output(model, "llama"), base, atol=0, rtol=0)  # exact zero update
 
 
@@ -189,7 +175,7 @@ def test_lowrank_svd_is_seeded_and_leaves_global_rng_alone() -> None:
     def factors(seed: int) -> torch.Tensor:
         torch.manual_seed(seed)
         config = _config(peftkit, "llama", "free-lowrank")
-        model = peftkit.get_peft_model(_llama(), config)
+        model = peftkit.get_peft_model(_base("llama"), config)
         after = torch.rand(1)
         torch.manual_seed(seed)
         assert torch.equal(after, torch.rand(1))  # the fork restored the stream
@@ -203,29 +189,11 @@ def test_lowrank_svd_is_seeded_and_leaves_global_rng_alone() -> None:
 
 @pytest.mark.parametrize("options", list(CONFIGS))
 @pytest.mark.parametrize("name", list(MODELS))
-@pytest.mark.parametrize("saver", ["peftkit", "peft"])
-def test_interop_both_ways(saver: str, name: str, options: str, tmp_path: Path) -> None:
-    """A perturbed adapter saved by one library loads in the other with the same outputs, keys and config."""
-    save_lib, load_lib = (peftkit, peft) if saver == "peftkit" else (peft, peftkit)
-    model = _build(save_lib, name, options)
-    expected = _output(model, name)
-    assert (expected - _output(MODELS[name][0](), name)).abs().max() > 1e-3  # not an identity adapter
-    model.save_pretrained(tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = load_lib.PeftModel.from_pretrained(MODELS[name][0](), tmp_path).eval()
-    torch.testing.assert_close(_output(loaded, name), expected, **TOL)
-    # same keys, shapes and dtypes as the reference writes
-    ref = peft.get_peft_model_state_dict(loaded if load_lib is peft else model)
-    saved = load_file(os.path.join(tmp_path, WEIGHTS))
-    assert {k: (v.shape, v.dtype) for k, v in saved.items()} == {k: (v.shape, v.dtype) for k, v in ref.items()}
-    ours = peftkit.get_peft_model_state_dict(loaded if load_lib is peftkit else model)
-    assert set(ours) == set(ref)
-    stored = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert stored["peft_type"] == "PSOFT"
-    for key, value in CONFIGS[options].items():
-        if key != "r":
-            assert stored[key] == value, key
+def test_interop_both_ways(name: str, options: str, tmp_path: Path) -> None:
+    """A perturbed adapter saved by either library loads in the other with the same outputs (1e-5), keys and
+    config; the adapter is not identity."""
+    check_interop_both_ways(MODELS[name][0], lambda lib: _config(lib, name, options), tmp_path,
+                            markers=None, perturb=_perturb, min_change=1e-3, saved={k: v for k, v in CONFIGS[options].items() if k != "r"})
 
 
 # ------------------------------------------------------------------------------------------------ merging
@@ -234,7 +202,7 @@ def test_interop_both_ways(saver: str, name: str, options: str, tmp_path: Path) 
 @pytest.mark.parametrize("options", list(CONFIGS))
 def test_merge_unmerge_and_merge_and_unload(options: str) -> None:
     model = _build(peftkit, "llama", options)
-    base = _output(_llama(), "llama")
+    base = _output(_base("llama"), "llama")
     expected = _output(model, "llama")
     model.merge_adapter()
     # the merged weights W + ΔW run other kernels than the factored update: fp32 tolerance of the tiny model
@@ -286,7 +254,7 @@ def test_layers_rules_and_ignored_options_warn() -> None:
 
 def test_rank_above_layer_size_and_unsupported_module_raise() -> None:
     with pytest.raises(ConfigError, match=r"r=3.*Linear\(20, 2\)") as info:
-        peftkit.get_peft_model(_mlp(), peftkit.PsoftConfig(r=3, target_modules=["lin1"]))
+        peftkit.get_peft_model(_base("mlp"), peftkit.PsoftConfig(r=3, target_modules=["lin1"]))
     assert info.value.field == "r"
     with pytest.raises(UnsupportedModuleError, match="PSOFT supports torch.nn.Linear"):
         peftkit.get_peft_model(tiny_gpt2(), peftkit.PsoftConfig(r=2, target_modules=["c_attn"]))
@@ -301,25 +269,20 @@ def test_mixed_batch_routes_each_row_to_its_adapter() -> None:
     model = _build(peftkit, "llama", "cayley")
     model.add_adapter("other", _config(peftkit, "llama", "neumann-pissa", init_weights=False))
     ids = torch.tensor([[1, 5, 9, 3, 60, 7], [4, 8, 2, 6, 10, 12]])
-    with torch.no_grad():
-        mixed = model(input_ids=ids, adapter_names=["default", "other"]).logits
-        model.set_adapter("other")
-        other = model(input_ids=ids).logits
-        model.set_adapter("default")
-        default = model(input_ids=ids).logits
-    assert (other[1] - default[1]).abs().max() > 1e-3
     # row-gathered inputs run the same kernels on fewer rows: fp32 tolerance of the tiny model
-    torch.testing.assert_close(mixed[0], default[0], **TOL)
-    torch.testing.assert_close(mixed[1], other[1], **TOL)
+    mixed = check_mixed_batch_rows(model, {"input_ids": ids}, ["default", "other"], TOL)
+    model.set_adapter("default")
+    with torch.no_grad():  # row 1 really gets the other adapter
+        assert (mixed[1] - model(input_ids=ids[1:]).logits[0]).abs().max() > 1e-3
 
 
 def test_fan_in_fan_out_on_linear_warns_and_leaves_the_config_unchanged() -> None:
     """The reference resets ``config.fan_in_fan_out`` on the user's object; peftkit warns and ignores it."""
     config = peftkit.PsoftConfig(r=2, target_modules=["lin0"], fan_in_fan_out=True)
     with pytest.warns(UserWarning, match="fan_in_fan_out=True is not compatible"):
-        model = peftkit.get_peft_model(_mlp(), config)
+        model = peftkit.get_peft_model(_base("mlp"), config)
     assert config.fan_in_fan_out is True and model.peft_config["default"].fan_in_fan_out is True
-    torch.testing.assert_close(_output(model, "mlp"), _output(_mlp(), "mlp"), atol=0, rtol=0)  # exact zero update
+    torch.testing.assert_close(_output(model, "mlp"), _output(_base("mlp"), "mlp"), atol=0, rtol=0)  # exact zero update
 
 
 def test_inspect_reports_distance_of_R_from_identity(tmp_path: Path) -> None:

@@ -354,10 +354,11 @@ METHOD_CONFIGS = {
     "dora": lambda: peftkit.LoraConfig(r=4, lora_alpha=8, target_modules=["lin"], init_lora_weights=False,
                                        use_dora=True),
     "ia3": lambda: peftkit.IA3Config(target_modules=["lin"], feedforward_modules=[], init_ia3_weights=False),
+    "randlora": lambda: peftkit.RandLoraConfig(r=4, randlora_alpha=1, target_modules=["lin"], init_weights=False),
 }
 LAYER_CASES = [(v, "lora") for v in [*LAYER_QUANT, "torchao-int8"]] + [
     ("8bit", "dora"), ("8bit", "ia3"), ("nf4", "ia3"), ("nf4-dq-bf16", "dora"), ("torchao-int8", "dora"),
-    ("torchao-int8", "ia3")]
+    ("torchao-int8", "ia3"), ("8bit", "randlora"), ("nf4", "randlora")]
 
 
 @pytest.mark.parametrize(("variant", "method"), LAYER_CASES, ids=[f"{v}-{m}" for v, m in LAYER_CASES])

@@ -4,18 +4,24 @@ ways (tiny Llama, BERT, a custom MLP), merge/unmerge, mixed batches, what autogr
 from __future__ import annotations
 
 import math
-import os
 import warnings
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from method_interop import (
+    case_model,
+    case_output,
+    check_interop_both_ways,
+    check_mixed_batch_rows,
+    interop_case,
+    perturb_adapter,
+    quantized_linear,
+)
 from torch import nn
 
 import peftkit
 from peftkit.errors import ConfigError, UnsupportedModuleError
 from peftkit.methods.road import RoadLayer
-from tests.models import MLP, tiny_bert, tiny_llama
 from tests.numerics import TINY_MODEL_REDUCTION, fp_tol
 
 with warnings.catch_warnings():
@@ -23,6 +29,7 @@ with warnings.catch_warnings():
     peft = pytest.importorskip("peft")
 
 VARIANTS = ["road_1", "road_2", "road_4"]
+LLAMA = "llama-causal"  # the model case (tests/models.py) of the Llama tests
 #: both libraries run the same model with their own elementwise rotation code: a few ulp per term of the longest
 #: reductions of the tiny models (tests/numerics.py); tighter than the issue's 1e-5
 TOL = fp_tol(torch.float32, TINY_MODEL_REDUCTION)
@@ -119,7 +126,7 @@ def test_two_active_adapters_compose_in_order() -> None:
 
 
 def test_identity_at_init_is_exact() -> None:
-    model = tiny_llama().eval()
+    model = case_model(LLAMA)
     ids = torch.randint(3, 100, (2, 7))
     with torch.no_grad():
         expected = model(ids).logits
@@ -130,90 +137,30 @@ def test_identity_at_init_is_exact() -> None:
 # ------------------------------------------------------------------------------------------------ interop
 
 
-def _llama() -> nn.Module:
-    torch.manual_seed(0)
-    return tiny_llama().eval()
-
-
-def _bert() -> nn.Module:
-    torch.manual_seed(0)
-    return tiny_bert("FEATURE_EXTRACTION").eval()
-
-
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return MLP().eval()
-
-
-def _ids() -> torch.Tensor:
-    return torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(1))
-
-
-#: name -> (build, target_modules, group_size, inputs, output)
-MODELS = {
-    "llama": (_llama, ["q_proj", "v_proj", "up_proj"], 8, lambda: {"input_ids": _ids()}, lambda o: o.logits),
-    "bert": (_bert, ["query", "value", "intermediate.dense"], 4, lambda: {"input_ids": _ids()},
-             lambda o: o.last_hidden_state),
-    "mlp": (_mlp, ["lin0", "lin1"], 2, lambda: {"x": torch.randn(3, 10, generator=torch.Generator().manual_seed(1))},
-            lambda o: o),
+#: model case (tests/models.py) -> (target_modules, group_size); every variant runs on the Llama case
+INTEROP_MODELS = {
+    LLAMA: (["q_proj", "v_proj", "up_proj"], 8),
+    "bert-feat": (["query", "value", "intermediate.dense"], 4),
+    "custom-mlp": (["lin0", "lin1"], 2),
 }
-INTEROP = [pytest.param(m, v, id=f"{m}-{v}") for m in MODELS for v in VARIANTS if m == "llama" or v == "road_4"]
+INTEROP = [pytest.param(m, v, id=f"{m}-{v}") for m in INTEROP_MODELS for v in VARIANTS if m == LLAMA or v == "road_4"]
 
 
 def _perturb(model: nn.Module, seed: int = 3) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "road_" in name:
-                param.add_(torch.randn(param.shape, generator=gen) * 0.3)
-
-
-def _run(model: nn.Module, name: str) -> torch.Tensor:
-    _, _, _, inputs, output = MODELS[name]
-    with torch.no_grad():
-        return output(model(**inputs()))
+    perturb_adapter(model, ("road_",), seed)
 
 
 def _config(lib, name: str, variant: str):
-    _, targets, group_size, _, _ = MODELS[name]
+    targets, group_size = INTEROP_MODELS[name]
     return lib.RoadConfig(variant=variant, group_size=group_size, target_modules=targets)
 
 
-def _saved(path: str) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(path, "adapter_model.safetensors"))
-
-
-def _essentials(config) -> tuple:
-    return (getattr(config.peft_type, "value", config.peft_type), config.variant, config.group_size, config.init_weights,
-            set(config.target_modules))
-
-
 @pytest.mark.parametrize(("name", "variant"), INTEROP)
-def test_peftkit_file_loads_in_reference(name: str, variant: str, tmp_path) -> None:
-    build = MODELS[name][0]
-    model = peftkit.get_peft_model(build(), _config(peftkit, name, variant)).eval()
-    _perturb(model)
-    model.save_pretrained(str(tmp_path))
-    ref = peft.PeftModel.from_pretrained(build(), str(tmp_path)).eval()
-    ours = _saved(str(tmp_path))
-    theirs = peft.get_peft_model_state_dict(ref)
-    assert set(ours) == set(theirs)
-    assert all(ours[k].shape == theirs[k].shape and ours[k].dtype == theirs[k].dtype for k in ours)
-    assert _essentials(ref.peft_config["default"]) == _essentials(model.peft_config["default"])
-    torch.testing.assert_close(_run(ref, name), _run(model, name), **TOL)
-    assert not torch.allclose(_run(ref, name), _run(build(), name), atol=1e-3)  # the adapter is not identity
-
-
-@pytest.mark.parametrize(("name", "variant"), INTEROP)
-def test_reference_file_loads_in_peftkit(name: str, variant: str, tmp_path) -> None:
-    build = MODELS[name][0]
-    ref = peft.get_peft_model(build(), _config(peft, name, variant)).eval()
-    _perturb(ref)
-    ref.save_pretrained(str(tmp_path))
-    model = peftkit.PeftModel.from_pretrained(build(), str(tmp_path)).eval()
-    assert set(peftkit.get_peft_model_state_dict(model)) == set(_saved(str(tmp_path)))
-    assert _essentials(model.peft_config["default"]) == _essentials(ref.peft_config["default"])
-    torch.testing.assert_close(_run(model, name), _run(ref, name), **TOL)
+def test_interop_both_ways(name: str, variant: str, tmp_path) -> None:
+    """Perturbed adapters: the same saved keys, shapes, dtypes and config essentials, and each library loads the
+    other's file with the saver's outputs (1e-5); the adapter is not identity."""
+    check_interop_both_ways(name, lambda lib: _config(lib, name, variant), tmp_path, markers=("road_",),
+                            essentials=("variant", "group_size", "init_weights"), min_change=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------ merging
@@ -221,26 +168,26 @@ def test_reference_file_loads_in_peftkit(name: str, variant: str, tmp_path) -> N
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_merge_unmerge_and_merge_and_unload_match_unmerged_outputs(variant: str) -> None:
-    model = peftkit.get_peft_model(_llama(), _config(peftkit, "llama", variant)).eval()
+    model = peftkit.get_peft_model(case_model(LLAMA), _config(peftkit, LLAMA, variant)).eval()
     _perturb(model)
     weights = {n: p.detach().clone() for n, p in model.named_parameters() if "base_layer" in n}
-    expected = _run(model, "llama")
+    expected = case_output(model, interop_case(LLAMA))
     model.merge_adapter()
-    torch.testing.assert_close(_run(model, "llama"), expected, **TOL)
+    torch.testing.assert_close(case_output(model, interop_case(LLAMA)), expected, **TOL)
     model.unmerge_adapter()
     for n, p in model.named_parameters():
         if n in weights:  # R⁻¹ (R W): one rounding of each 2-term product, twice
             torch.testing.assert_close(p.detach(), weights[n], **fp_tol(torch.float32, 4))
-    torch.testing.assert_close(_run(model, "llama"), expected, **TOL)
+    torch.testing.assert_close(case_output(model, interop_case(LLAMA)), expected, **TOL)
     merged = model.merge_and_unload()
     assert not _road_layers(merged)
-    torch.testing.assert_close(_run(merged, "llama"), expected, **TOL)
+    torch.testing.assert_close(case_output(merged, interop_case(LLAMA)), expected, **TOL)
 
 
 def test_merge_matches_reference_merge() -> None:
-    model = peftkit.get_peft_model(_llama(), _config(peftkit, "llama", "road_4")).eval()
+    model = peftkit.get_peft_model(case_model(LLAMA), _config(peftkit, LLAMA, "road_4")).eval()
     _perturb(model)
-    ref = peft.get_peft_model(_llama(), _config(peft, "llama", "road_4")).eval()
+    ref = peft.get_peft_model(case_model(LLAMA), _config(peft, LLAMA, "road_4")).eval()
     ref.load_state_dict(model.state_dict())
     ours, theirs = model.merge_and_unload(), ref.merge_and_unload()
     for (n, p), q in zip(ours.named_parameters(), theirs.parameters()):
@@ -267,7 +214,7 @@ def test_merging_one_of_two_active_adapters_keeps_the_other_applied() -> None:
 
 
 def test_safe_merge_refuses_non_finite_and_leaves_weights() -> None:
-    model = peftkit.get_peft_model(_llama(), _config(peftkit, "llama", "road_1")).eval()
+    model = peftkit.get_peft_model(case_model(LLAMA), _config(peftkit, LLAMA, "road_1")).eval()
     layer = _road_layers(model)[0]
     before = layer.get_base_layer().weight.detach().clone()
     with torch.no_grad():
@@ -281,24 +228,15 @@ def test_safe_merge_refuses_non_finite_and_leaves_weights() -> None:
 
 
 def test_mixed_batch_rows_match_single_adapter_runs_and_reference(tmp_path) -> None:
-    model = peftkit.get_peft_model(_llama(), _config(peftkit, "llama", "road_2")).eval()
+    model = peftkit.get_peft_model(case_model(LLAMA), _config(peftkit, LLAMA, "road_2")).eval()
     _perturb(model, seed=3)
-    model.add_adapter("other", _config(peftkit, "llama", "road_1"))
+    model.add_adapter("other", _config(peftkit, LLAMA, "road_1"))
     _perturb(model, seed=4)
     ids = torch.randint(3, 100, (3, 6), generator=torch.Generator().manual_seed(2))
     names = ["other", "__base__", "default"]
-    with torch.no_grad():
-        mixed = model(input_ids=ids, adapter_names=names).logits
-        for row, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    single = model(input_ids=ids[row:row + 1]).logits
-            else:
-                model.set_adapter(name)
-                single = model(input_ids=ids[row:row + 1]).logits
-            torch.testing.assert_close(mixed[row:row + 1], single, **TOL)
+    mixed = check_mixed_batch_rows(model, {"input_ids": ids}, names, TOL)
     model.save_pretrained(str(tmp_path))
-    ref = peft.PeftModel.from_pretrained(_llama(), str(tmp_path)).eval()
+    ref = peft.PeftModel.from_pretrained(case_model(LLAMA), str(tmp_path)).eval()
     ref.load_adapter(str(tmp_path / "other"), adapter_name="other")
     with torch.no_grad():
         torch.testing.assert_close(ref(input_ids=ids, adapter_names=names).logits, mixed, **TOL)
@@ -351,19 +289,19 @@ def test_bad_config_values_raise_typed_errors_naming_the_field(kwargs: dict, fie
 
 def test_group_size_must_divide_out_features() -> None:
     with pytest.raises(ConfigError, match=r"group_size.*out_features \(2\).*lin1"):
-        peftkit.get_peft_model(_mlp(), peftkit.RoadConfig(group_size=4, target_modules=["lin1"]))
+        peftkit.get_peft_model(case_model("custom-mlp"), peftkit.RoadConfig(group_size=4, target_modules=["lin1"]))
 
 
 def test_non_linear_target_is_refused() -> None:
     model = nn.Sequential(nn.Embedding(10, 8))
-    with pytest.raises(UnsupportedModuleError, match="RoAd supports nn.Linear"):
+    with pytest.raises(UnsupportedModuleError, match="RoAd supports torch.nn.Linear"):
         peftkit.get_peft_model(model, peftkit.RoadConfig(group_size=4, target_modules=["0"]))
 
 
 def test_inspect_measures_the_rotation_from_the_file(tmp_path) -> None:
     from peftkit.cli.inspect_cmd import inspect_adapter
 
-    model = peftkit.get_peft_model(_mlp(), peftkit.RoadConfig(variant="road_4", group_size=4, target_modules=["lin0"]))
+    model = peftkit.get_peft_model(case_model("custom-mlp"), peftkit.RoadConfig(variant="road_4", group_size=4, target_modules=["lin0"]))
     _perturb(model)
     model.save_pretrained(str(tmp_path))
     layer = _road_layers(model)[0]
@@ -375,13 +313,13 @@ def test_inspect_measures_the_rotation_from_the_file(tmp_path) -> None:
 
 def test_mixed_model_refuses_road_as_the_reference() -> None:
     with pytest.raises(ConfigError, match="ROAD"):
-        peftkit.get_peft_model(_mlp(), peftkit.RoadConfig(group_size=2, target_modules=["lin0"]), mixed=True)
+        peftkit.get_peft_model(case_model("custom-mlp"), peftkit.RoadConfig(group_size=2, target_modules=["lin0"]), mixed=True)
     with pytest.raises(ValueError, match="ROAD"):
-        peft.get_peft_model(_mlp(), peft.RoadConfig(group_size=2, target_modules=["lin0"]), mixed=True)
+        peft.get_peft_model(case_model("custom-mlp"), peft.RoadConfig(group_size=2, target_modules=["lin0"]), mixed=True)
 
 
 def test_default_targets_are_lora_table() -> None:
-    model = peftkit.get_peft_model(_llama(), peftkit.RoadConfig(group_size=8))
+    model = peftkit.get_peft_model(case_model(LLAMA), peftkit.RoadConfig(group_size=8))
     assert model.peft_config["default"].target_modules == {"q_proj", "v_proj"}
     layers = _road_layers(model)
     assert {type(m.get_base_layer()) for m in layers} == {nn.Linear} and len(layers) == 4  # 2 layers x (q, v)
@@ -392,27 +330,12 @@ def test_default_targets_are_lora_table() -> None:
 # ------------------------------------------------------------------------------------------------ quantized bases
 
 
-def _bnb_linear(quant: str, dense: nn.Linear) -> nn.Module:
-    bnb = pytest.importorskip("bitsandbytes")
-    if quant == "8bit":
-        layer = bnb.nn.Linear8bitLt(dense.in_features, dense.out_features, bias=True, has_fp16_weights=False,
-                                    threshold=0.0)
-        layer.weight = bnb.nn.Int8Params(dense.weight.data.clone(), requires_grad=False, has_fp16_weights=False)
-    else:
-        layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=True, compute_dtype=torch.float32,
-                                  quant_type="nf4")
-        layer.weight = bnb.nn.Params4bit(dense.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                         module=layer)
-    layer.bias = nn.Parameter(dense.bias.data.clone(), requires_grad=False)
-    return layer.to("cpu")
-
-
 @pytest.mark.parametrize("quant", ["8bit", "nf4"])
 def test_quantized_linear_rotates_its_output_trains_and_merges_within_the_quantization_error(quant: str) -> None:
     torch.manual_seed(0)
     dense = nn.Linear(64, 32)
     x = torch.randn(16, 64)
-    model = peftkit.get_peft_model(nn.Sequential(_bnb_linear(quant, dense)), peftkit.RoadConfig(
+    model = peftkit.get_peft_model(nn.Sequential(quantized_linear(quant, dense)), peftkit.RoadConfig(
         variant="road_2", group_size=8, target_modules=["0"], init_weights=False))
     layer = _road_layers(model)[0]
     model.train()  # train mode throughout: bitsandbytes picks other kernels in eval mode

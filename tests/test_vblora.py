@@ -4,18 +4,24 @@ held once per model, merge/unmerge, savable-parameter counts and typed config er
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
 import torch
+from method_interop import (
+    case_model,
+    case_output,
+    check_interop_both_ways,
+    check_mixed_batch_rows,
+    interop_case,
+)
 from safetensors.torch import load_file
 from torch import nn
 
 import peftkit
 from peftkit.errors import ConfigError, UnsupportedModuleError
 from peftkit.methods.vblora import VBLoRALayer
-from tests.models import MLP, tiny_bert, tiny_gpt2, tiny_llama
+from tests.models import MLP
 from tests.numerics import TINY_MODEL_REDUCTION, fp_tol
 
 with warnings.catch_warnings():
@@ -25,6 +31,7 @@ with warnings.catch_warnings():
 #: both libraries run the same float32 model with their own (differently ordered) matmuls: a few ulp per term of the
 #: longest reductions of the tiny models (tests/numerics.py); tighter than the issue's 1e-5
 TOL = fp_tol(torch.float32, TINY_MODEL_REDUCTION)
+LLAMA = "llama-causal"  # the model case (tests/models.py) of the Llama tests
 
 
 # ------------------------------------------------------------------------------------------------ plain reference
@@ -78,7 +85,7 @@ def test_layer_output_matches_plain_factors(topk: int) -> None:
 
 
 def test_bank_is_held_once_and_shared_by_every_layer() -> None:
-    model = peftkit.get_peft_model(_llama(), peftkit.VBLoRAConfig(
+    model = peftkit.get_peft_model(case_model(LLAMA), peftkit.VBLoRAConfig(
         r=2, num_vectors=8, vector_length=4, target_modules=["q_proj", "v_proj"]))
     holder = model.base_model.vblora_vector_bank
     assert all(layer.vblora_vector_bank is holder for layer in _layers(model))
@@ -95,9 +102,9 @@ def test_bank_is_held_once_and_shared_by_every_layer() -> None:
 
 
 def test_bank_trains_and_gets_gradients_from_every_layer() -> None:
-    model = peftkit.get_peft_model(_llama().train(), peftkit.VBLoRAConfig(
+    model = peftkit.get_peft_model(case_model(LLAMA).train(), peftkit.VBLoRAConfig(
         r=2, num_vectors=8, vector_length=4, target_modules=["q_proj", "v_proj"]))
-    model(input_ids=_ids()).logits.sum().backward()
+    model(input_ids=interop_case(LLAMA).make_inputs(2)["input_ids"]).logits.sum().backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("vblora_" in n for n in trainable)
     assert model.base_model.vblora_vector_bank["default"].grad.abs().sum() > 0
@@ -106,40 +113,15 @@ def test_bank_trains_and_gets_gradients_from_every_layer() -> None:
 # ------------------------------------------------------------------------------------------------ interop
 
 
-def _llama() -> nn.Module:
-    torch.manual_seed(0)
-    return tiny_llama().eval()
-
-
-def _bert() -> nn.Module:
-    torch.manual_seed(0)
-    return tiny_bert("FEATURE_EXTRACTION").eval()
-
-
-def _gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    return tiny_gpt2().eval()
-
-
-def _mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return MLP().eval()
-
-
-def _ids() -> torch.Tensor:
-    return torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(1))
-
-
-#: name -> (build, target_modules, vector_length, inputs, output)
-MODELS = {
-    "llama": (_llama, ["q_proj", "v_proj", "up_proj"], 4, lambda: {"input_ids": _ids()}, lambda o: o.logits),
-    "bert": (_bert, ["query", "value"], 8, lambda: {"input_ids": _ids()}, lambda o: o.last_hidden_state),
-    "gpt2": (_gpt2, ["c_attn", "c_fc"], 8, lambda: {"input_ids": _ids()}, lambda o: o.logits),
-    "mlp": (_mlp, ["lin0", "lin1"], 2, lambda: {"x": torch.randn(3, 10, generator=torch.Generator().manual_seed(1))},
-            lambda o: o),
+#: model case (tests/models.py) -> (target_modules, vector_length)
+INTEROP_MODELS = {
+    LLAMA: (["q_proj", "v_proj", "up_proj"], 4),
+    "bert-feat": (["query", "value"], 8),
+    "gpt2-causal": (["c_attn", "c_fc"], 8),
+    "custom-mlp": (["lin0", "lin1"], 2),
 }
 INTEROP = [pytest.param(m, topk_only, id=f"{m}-{'topk' if topk_only else 'full'}")
-           for m in MODELS for topk_only in (False, True) if m in ("llama", "gpt2") or not topk_only]
+           for m in INTEROP_MODELS for topk_only in (False, True) if m in (LLAMA, "gpt2-causal") or not topk_only]
 
 
 def _perturb(model: nn.Module, seed: int = 3) -> None:
@@ -153,70 +135,36 @@ def _perturb(model: nn.Module, seed: int = 3) -> None:
 
 
 def _run(model: nn.Module, name: str) -> torch.Tensor:
-    _, _, _, inputs, output = MODELS[name]
-    with torch.no_grad():
-        return output(model(**inputs()))
+    return case_output(model, interop_case(name))
 
 
 def _config(lib, name: str, topk_only: bool):
-    _, targets, length, _, _ = MODELS[name]
+    targets, length = INTEROP_MODELS[name]
     return lib.VBLoRAConfig(r=3, num_vectors=10, vector_length=length, topk=2, target_modules=targets,
-                            save_only_topk_weights=topk_only, fan_in_fan_out=name == "gpt2")
-
-
-def _saved(path: str) -> dict[str, torch.Tensor]:
-    return load_file(os.path.join(path, "adapter_model.safetensors"))
-
-
-def _essentials(config) -> tuple:
-    return (getattr(config.peft_type, "value", config.peft_type), config.r, config.num_vectors, config.vector_length,
-            config.topk, config.save_only_topk_weights, set(config.target_modules))
-
-
+                            save_only_topk_weights=topk_only, fan_in_fan_out=name == "gpt2-causal")
 
 
 @pytest.mark.parametrize(("name", "topk_only"), INTEROP)
-def test_peftkit_file_loads_in_reference(name: str, topk_only: bool, tmp_path) -> None:
-    build = MODELS[name][0]
-    model = peftkit.get_peft_model(build(), _config(peftkit, name, topk_only)).eval()
-    _perturb(model)
-    model.save_pretrained(str(tmp_path))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the reference's fan_in_fan_out warning for Conv1D
-        ref = peft.PeftModel.from_pretrained(build(), str(tmp_path)).eval()
-    ours = _saved(str(tmp_path))
-    theirs = peft.get_peft_model_state_dict(ref)
-    assert set(ours) == set(theirs)
-    assert all(ours[k].shape == theirs[k].shape and ours[k].dtype == theirs[k].dtype for k in ours)
-    assert "base_model.vblora_vector_bank" in ours
-    assert _essentials(ref.peft_config["default"]) == _essentials(model.peft_config["default"])
-    torch.testing.assert_close(_run(ref, name), _run(model, name), **TOL)
-    assert not torch.allclose(_run(ref, name), _run(build(), name), atol=1e-3)  # the adapter is not identity
-
-
-@pytest.mark.parametrize(("name", "topk_only"), INTEROP)
-def test_reference_file_loads_in_peftkit(name: str, topk_only: bool, tmp_path) -> None:
-    build = MODELS[name][0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ref = peft.get_peft_model(build(), _config(peft, name, topk_only)).eval()
-    _perturb(ref)
-    ref.save_pretrained(str(tmp_path))
-    model = peftkit.PeftModel.from_pretrained(build(), str(tmp_path)).eval()
-    assert set(peftkit.get_peft_model_state_dict(model)) == set(_saved(str(tmp_path)))
-    assert _essentials(model.peft_config["default"]) == _essentials(ref.peft_config["default"])
-    torch.testing.assert_close(_run(model, name), _run(ref, name), **TOL)
+def test_interop_both_ways(name: str, topk_only: bool, tmp_path) -> None:
+    """Perturbed adapters: the same saved keys (the bank once), shapes, dtypes and config essentials, and each
+    library loads the other's file with the saver's outputs (1e-5); the adapter is not identity."""
+    check_interop_both_ways(name, lambda lib: _config(lib, name, topk_only), tmp_path, markers=None,
+                            perturb=_perturb, min_change=1e-3,
+                            essentials=("r", "num_vectors", "vector_length", "topk", "save_only_topk_weights"))
+    assert "base_model.vblora_vector_bank" in load_file(tmp_path / "ours" / "adapter_model.safetensors")
     if not topk_only:  # the full logits round-trip exactly
+        ref = peft.PeftModel.from_pretrained(case_model(name), str(tmp_path / "ref"))
+        model = peftkit.PeftModel.from_pretrained(case_model(name), str(tmp_path / "ref"))
         ours, theirs = peftkit.get_peft_model_state_dict(model), peft.get_peft_model_state_dict(ref)
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_topk_only_adapter_refuses_training(tmp_path) -> None:
-    model = peftkit.get_peft_model(_llama(), _config(peftkit, "llama", True))
+    model = peftkit.get_peft_model(case_model(LLAMA), _config(peftkit, LLAMA, True))
     model.save_pretrained(str(tmp_path))
-    loaded = peftkit.PeftModel.from_pretrained(_llama(), str(tmp_path), is_trainable=True).train()
+    loaded = peftkit.PeftModel.from_pretrained(case_model(LLAMA), str(tmp_path), is_trainable=True).train()
     with pytest.raises(RuntimeError, match="save_only_topk_weights"):
-        loaded(input_ids=_ids())
+        loaded(**interop_case(LLAMA).make_inputs(2))
 
 
 def test_reference_topk_file_loads_without_non_finite_warning(tmp_path) -> None:
@@ -224,27 +172,27 @@ def test_reference_topk_file_loads_without_non_finite_warning(tmp_path) -> None:
     checkpoint is corrupt; peftkit restores them as the lowest finite float (same outputs, no warning)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref = peft.get_peft_model(_llama(), _config(peft, "llama", True))
+        ref = peft.get_peft_model(case_model(LLAMA), _config(peft, LLAMA, True))
     ref.save_pretrained(str(tmp_path))
     with warnings.catch_warnings():
         warnings.simplefilter("error", peftkit.PeftWarning)
-        model = peftkit.PeftModel.from_pretrained(_llama(), str(tmp_path)).eval()
+        model = peftkit.PeftModel.from_pretrained(case_model(LLAMA), str(tmp_path)).eval()
     assert all(torch.isfinite(p).all() for n, p in model.named_parameters() if "vblora_logits" in n)
 
 
 def test_savable_parameter_counts_match_reference() -> None:
     for topk_only in (False, True):
-        ours = peftkit.get_peft_model(_llama(), _config(peftkit, "llama", topk_only))
-        theirs = peft.get_peft_model(_llama(), _config(peft, "llama", topk_only))
+        ours = peftkit.get_peft_model(case_model(LLAMA), _config(peftkit, LLAMA, topk_only))
+        theirs = peft.get_peft_model(case_model(LLAMA), _config(peft, LLAMA, topk_only))
         assert ours.base_model.get_nb_savable_parameters() == theirs.base_model.get_nb_savable_parameters()
 
 
 # ------------------------------------------------------------------------------------------------ merging
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("name", [LLAMA, "gpt2-causal"])
 def test_merge_unmerge_and_unload(name: str) -> None:
-    build = MODELS[name][0]
+    build = interop_case(name).build
     model = peftkit.get_peft_model(build(), _config(peftkit, name, False)).eval()
     _perturb(model)
     base_out, out = _run(build(), name), _run(model, name)
@@ -293,29 +241,19 @@ def test_unsupported_module_kind_is_refused() -> None:
 
 
 def test_mixed_batch_rows_match_single_adapter_runs() -> None:
-    model = peftkit.get_peft_model(_llama(), _config(peftkit, "llama", False)).eval()
-    model.add_adapter("other", _config(peftkit, "llama", False))
+    model = peftkit.get_peft_model(case_model(LLAMA), _config(peftkit, LLAMA, False)).eval()
+    model.add_adapter("other", _config(peftkit, LLAMA, False))
     _perturb(model, seed=4)
     ids = torch.randint(3, 100, (3, 6), generator=torch.Generator().manual_seed(2))
     names = ["other", "__base__", "default"]
-    with torch.no_grad():
-        mixed = model(input_ids=ids, adapter_names=names).logits
-        for row, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    single = model(input_ids=ids[row:row + 1]).logits
-            else:
-                model.set_adapter(name)
-                single = model(input_ids=ids[row:row + 1]).logits
-            # the same layers on a row subset: batched matmuls may block differently
-            torch.testing.assert_close(mixed[row:row + 1], single, **TOL)
+    check_mixed_batch_rows(model, {"input_ids": ids}, names, TOL)
 
 
 @pytest.mark.parametrize("topk_only", [False, True], ids=["full", "topk"])
 def test_inspect_measures_each_layer_with_the_shared_bank(topk_only: bool, tmp_path) -> None:
     from peftkit.cli.inspect_cmd import inspect_adapter
 
-    model = peftkit.get_peft_model(_llama(), _config(peftkit, "llama", topk_only)).eval()
+    model = peftkit.get_peft_model(case_model(LLAMA), _config(peftkit, LLAMA, topk_only)).eval()
     _perturb(model)
     model.save_pretrained(str(tmp_path))
     info = inspect_adapter(str(tmp_path))
@@ -331,8 +269,8 @@ def test_inspect_measures_each_layer_with_the_shared_bank(topk_only: bool, tmp_p
 @pytest.mark.parametrize("bias", ["vblora_only", "all"])
 def test_trained_biases_save_as_the_reference(bias: str, tmp_path) -> None:
     kwargs = {"r": 2, "num_vectors": 6, "vector_length": 2, "target_modules": ["lin0"], "bias": bias}
-    model = peftkit.get_peft_model(_mlp(), peftkit.VBLoRAConfig(**kwargs)).eval()
-    ref = peft.get_peft_model(_mlp(), peft.VBLoRAConfig(**kwargs)).eval()
+    model = peftkit.get_peft_model(case_model("custom-mlp"), peftkit.VBLoRAConfig(**kwargs)).eval()
+    ref = peft.get_peft_model(case_model("custom-mlp"), peft.VBLoRAConfig(**kwargs)).eval()
     assert set(peftkit.get_peft_model_state_dict(model)) == set(peft.get_peft_model_state_dict(ref))
     assert ({n for n, p in model.named_parameters() if p.requires_grad}
             == {n for n, p in ref.named_parameters() if p.requires_grad and "vblora_vector_bank" not in n}
@@ -341,5 +279,5 @@ def test_trained_biases_save_as_the_reference(bias: str, tmp_path) -> None:
         model.base_model.model.lin0.base_layer.bias.add_(1.0)
     _perturb(model)
     model.save_pretrained(str(tmp_path))
-    loaded = peft.PeftModel.from_pretrained(_mlp(), str(tmp_path)).eval()
-    torch.testing.assert_close(_run(loaded, "mlp"), _run(model, "mlp"), **TOL)
+    loaded = peft.PeftModel.from_pretrained(case_model("custom-mlp"), str(tmp_path)).eval()
+    torch.testing.assert_close(_run(loaded, "custom-mlp"), _run(model, "custom-mlp"), **TOL)

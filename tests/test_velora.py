@@ -14,6 +14,7 @@ from lora_variant_helpers import (
     WEIGHTS,
     check_merge_matches_reference,
     check_save_load_round_trip,
+    check_typed_sub_config_error,
     perturb_adapter,
     randn,
     saved_config,
@@ -257,9 +258,4 @@ def test_velora_config_class_round_trips_with_reference(tmp_path: Path, directio
     ({"scale": None}, peftkit.errors.ConfigTypeError, TypeError),
 ])
 def test_velora_config_validation_is_typed(kwargs: dict[str, object], error: type, builtin: type) -> None:
-    with pytest.raises(builtin):
-        peft.VeloraConfig(**kwargs)
-    name = next(iter(kwargs))
-    with pytest.raises(error, match=f"velora_config.{name}") as info:
-        peftkit.VeloraConfig(**kwargs)  # type: ignore[arg-type]
-    assert isinstance(info.value, builtin)
+    check_typed_sub_config_error(peftkit.VeloraConfig, peft.VeloraConfig, "velora_config", kwargs, error, builtin)

@@ -8,7 +8,6 @@ The generic properties (identity, merge, save/load, multi-adapter, errors) come 
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import Any
 
 import pytest
 import torch
-from models import CASES_BY_NAME, MLP, model_output, tiny_llama
+from method_interop import check_interop_both_ways, interop_case
+from models import MLP, tiny_llama
 from numerics import fp_tol
 from safetensors.torch import load_file
 from torch import nn
@@ -118,7 +118,7 @@ def test_merge_unmerge_equal_the_unmerged_output(safe_merge: bool) -> None:
 
 
 def test_gpt2_conv1d_delta_weight_has_the_conv1d_layout() -> None:
-    case = CASES_BY_NAME["gpt2-causal"]
+    case = interop_case("gpt2-causal")
     model = get_peft_model(case.build(), VeraConfig(target_modules=["c_attn"], r=4, init_weights=False))
     layer = next(m for m in model.modules() if isinstance(m, VeraLayer))
     assert layer.get_delta_weight("default").shape == layer.get_base_layer().weight.shape
@@ -194,42 +194,15 @@ ESSENTIALS = ("peft_type", "r", "projection_prng_key", "save_projection", "d_ini
 def test_interop_both_ways(case_name: str, kwargs: dict[str, Any], tmp_path: Path) -> None:
     """Non-identity adapters (λ_b = 1, λ_d ~ N(0, 1)): the saved files have the same keys, shapes, dtypes and config
     essentials, and each library loads the other's file with the saver's outputs (1e-5)."""
-    import peft
-
-    case = CASES_BY_NAME[case_name]
+    case = interop_case(case_name)
     kw = {"target_modules": list(case.target_modules), "task_type": case.task_type, "init_weights": False, **kwargs}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # save_projection=False warns, fan_in_fan_out for Conv1D warns
-        torch.manual_seed(0)
-        ours = get_peft_model(case.build().eval(), VeraConfig(**kw)).eval()
-        torch.manual_seed(1)
-        ref = peft.get_peft_model(case.build().eval(), peft.VeraConfig(**kw)).eval()
-    ours.save_pretrained(tmp_path / "ours")
-    ref.save_pretrained(tmp_path / "ref")
-
-    a = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    b = load_file(tmp_path / "ref" / "adapter_model.safetensors")
-    assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}
-    assert set(get_peft_model_state_dict(ours)) == set(peft.get_peft_model_state_dict(ref))
-    if kw.get("save_projection", True):
-        assert torch.equal(a["base_model.vera_A"], b["base_model.vera_A"])  # same seed: bit-exact projections
-    ca = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
-    cb = json.loads((tmp_path / "ref" / "adapter_config.json").read_text())
-    for key in ESSENTIALS:
-        assert ca.get(key) == cb.get(key), key
-    assert sorted(ca["target_modules"]) == sorted(cb["target_modules"])
-
-    def out(model: Any) -> torch.Tensor:
-        with torch.no_grad():
-            return model_output(model(**case.make_inputs(2)), case.output_key)
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        loaded = PeftModel.from_pretrained(case.build().eval(), tmp_path / "ref").eval()
-        ref_loaded = peft.PeftModel.from_pretrained(case.build().eval(), tmp_path / "ours").eval()
-    torch.testing.assert_close(out(loaded), out(ref), atol=ATOL, rtol=0)
-    torch.testing.assert_close(out(ref_loaded), out(ours), atol=ATOL, rtol=0)
-    assert (out(ours) - out(case.build().eval())).abs().max() > 1e-4
+        check_interop_both_ways(case, lambda lib: lib.VeraConfig(**kw), tmp_path, markers=None,
+                                essentials=ESSENTIALS, tol={"atol": ATOL, "rtol": 0})
+    if kw.get("save_projection", True):  # same seed: bit-exact projections
+        a, b = (load_file(tmp_path / lib / "adapter_model.safetensors") for lib in ("ours", "ref"))
+        assert torch.equal(a["base_model.vera_A"], b["base_model.vera_A"])
 
 
 def test_default_targets_are_the_references() -> None:
@@ -260,7 +233,7 @@ def test_gradients_match_the_reference(tmp_path: Path) -> None:
     """The folded forward (λ into the factors, in-place add) gives the reference's gradients of λ_b and λ_d."""
     import peft
 
-    case = CASES_BY_NAME["llama-causal"]
+    case = interop_case("llama-causal")
     kw = {"target_modules": ["q_proj", "v_proj", "down_proj", "up_proj"], "r": 8, "init_weights": False}
     torch.manual_seed(0)
     ours = get_peft_model(case.build(), VeraConfig(**kw))

@@ -47,9 +47,15 @@ from .mapping import (
 )
 from .methods.adalora import AdaLoraConfig, AdaLoraStepHook, attach_adalora
 from .methods.boft import BOFTConfig
+from .methods.c3a import C3AConfig
+from .methods.delora import DeloraConfig
 from .methods.fourierft import FourierFTConfig
+from .methods.glora import GloraConfig
+from .methods.gralora import GraloraConfig
+from .methods.hira import HiraConfig
 from .methods.hra import HRAConfig
 from .methods.ia3 import IA3Config
+from .methods.lily import LilyConfig
 from .methods.ln_tuning import LNTuningConfig
 from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
@@ -73,10 +79,16 @@ from .methods.prefix_tuning import PrefixEncoder, PrefixTuningConfig
 from .methods.prompt import PromptLearningConfig
 from .methods.prompt_tuning import PromptEmbedding, PromptTuningConfig, PromptTuningInit
 from .methods.psoft import PsoftConfig
+from .methods.pvera import PveraConfig
+from .methods.randlora import RandLoraConfig
 from .methods.road import RoadConfig
+from .methods.shira import ShiraConfig
+from .methods.tinylora import TinyLoraConfig
 from .methods.trainable_tokens import TrainableTokensConfig
+from .methods.unilora import UniLoraConfig
 from .methods.vblora import VBLoRAConfig
 from .methods.vera import VeraConfig
+from .methods.waveft import WaveFTConfig
 from .mixed_model import PeftMixedModel
 from .peft_model import (
     MODEL_TYPE_TO_PEFT_MODEL_MAPPING,
@@ -104,6 +116,7 @@ LoraModel = tuner_class("LORA")
 IA3Model = tuner_class("IA3")
 LoHaModel = tuner_class("LOHA")
 VeraModel = tuner_class("VERA")
+PveraModel = tuner_class("PVERA")
 OFTModel = tuner_class("OFT")
 LoKrModel = tuner_class("LOKR")
 AdaLoraModel = tuner_class("ADALORA")
@@ -114,9 +127,20 @@ OSFModel = tuner_class("OSF")
 HRAModel = tuner_class("HRA")
 MissModel = tuner_class("MISS")
 RoadModel = tuner_class("ROAD")
+RandLoraModel = tuner_class("RANDLORA")
+ShiraModel = tuner_class("SHIRA")
 VBLoRAModel = tuner_class("VBLORA")
+UniLoraModel = tuner_class("UNILORA")
+TinyLoraModel = tuner_class("TINYLORA")
+GraloraModel = tuner_class("GRALORA")
 LNTuningModel = tuner_class("LN_TUNING")
 FourierFTModel = tuner_class("FOURIERFT")
+LilyModel = tuner_class("LILY")
+WaveFTModel = tuner_class("WAVEFT")
+C3AModel = tuner_class("C3A")
+HiraModel = tuner_class("HIRA")
+DeloraModel = tuner_class("DELORA")
+GloraModel = tuner_class("GLORA")
 
 
 def __getattr__(name: str) -> object:
@@ -154,19 +178,31 @@ __all__ = [
     "BOFTModel",
     "BaseTunerLayer",
     "BdLoraConfig",
+    "C3AConfig",
+    "C3AModel",
     "ConfigError",
     "CordaConfig",
+    "DeloraConfig",
+    "DeloraModel",
     "EvaConfig",
     "FourierFTConfig",
     "FourierFTModel",
+    "GloraConfig",
+    "GloraModel",
+    "GraloraConfig",
+    "GraloraModel",
     "GroupedConvMergeError",
     "HRAConfig",
     "HRAModel",
+    "HiraConfig",
+    "HiraModel",
     "IA3Config",
     "IA3Model",
     "KasaConfig",
     "LNTuningConfig",
     "LNTuningModel",
+    "LilyConfig",
+    "LilyModel",
     "LoHaConfig",
     "LoHaModel",
     "LoKrConfig",
@@ -210,23 +246,35 @@ __all__ = [
     "PromptTuningInit",
     "PsoftConfig",
     "PsoftModel",
+    "PveraConfig",
+    "PveraModel",
     "QuantizedMergeReport",
     "QuantizedMergeWarning",
+    "RandLoraConfig",
+    "RandLoraModel",
     "RoadConfig",
     "RoadModel",
     "ShapeMismatchError",
+    "ShiraConfig",
+    "ShiraModel",
     "TaskType",
+    "TinyLoraConfig",
+    "TinyLoraModel",
     "TrainableTokensConfig",
     "TrainableTokensModel",
     "TunerLayerStatus",
     "TunerModel",
     "TunerModelStatus",
+    "UniLoraConfig",
+    "UniLoraModel",
     "UnsupportedModuleError",
     "VBLoRAConfig",
     "VBLoRAModel",
     "VeloraConfig",
     "VeraConfig",
     "VeraModel",
+    "WaveFTConfig",
+    "WaveFTModel",
     "__version__",
     "all_methods",
     "attach_adalora",

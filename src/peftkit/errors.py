@@ -107,6 +107,11 @@ class MergeError(PeftError, ValueError):
     """A merge that cannot be done (NaN/inf in the merged weights, a merged adapter deleted, ...)."""
 
 
+class UnmergeableMethodError(MergeError, NotImplementedError):
+    """Merging an adapter whose method has no fixed weight update (Lily's batch-dependent router, the prompt
+    methods); the reference raises ``NotImplementedError`` for such methods."""
+
+
 class GroupedConvMergeError(MergeError, NotImplementedError):
     """Merging LoRA into a grouped convolution (``groups > 1``): the update ``B ∘ A`` mixes all input channels into
     every output, which a grouped kernel ``(out, in / groups, *k)`` cannot hold (the reference raises

@@ -42,6 +42,18 @@ _BUILTIN_METHOD_MODULES: tuple[str, ...] = (
     "peftkit.methods.vera",
     "peftkit.methods.fourierft",
     "peftkit.methods.vblora",
+    "peftkit.methods.randlora",
+    "peftkit.methods.shira",
+    "peftkit.methods.c3a",
+    "peftkit.methods.delora",
+    "peftkit.methods.hira",
+    "peftkit.methods.gralora",
+    "peftkit.methods.waveft",
+    "peftkit.methods.lily",
+    "peftkit.methods.glora",
+    "peftkit.methods.pvera",
+    "peftkit.methods.tinylora",
+    "peftkit.methods.unilora",
 )
 
 
@@ -138,6 +150,9 @@ class MethodSpec:
             SharedAdapterTensors`` attribute of the tuner (saved under that attribute's path without the adapter name,
             e.g. ``base_model.vblora_vector_bank``), and hand it to ``layers`` (the layers now holding the adapter).
             The tuner drops the adapter's entry on delete and rollback. None: no shared tensors.
+        plan_options: ``(config, [(module_name, module, options), ...]) -> [options, ...]``: the per-layer options
+            once every planned module is known, for options that depend on all of them (WaveFT's
+            ``proportional_parameters``); called once after ``layer_options``. None: the options stay as computed.
     """
 
     peft_type: PeftType
@@ -184,6 +199,7 @@ class MethodSpec:
     update_strength: Callable[[dict[str, torch.Tensor], dict[str, Any]],
                               tuple[list[int], int | None, float, float | None]] | None = None
     shared_state: Callable[[nn.Module, PeftConfig, str, list[nn.Module]], None] | None = None
+    plan_options: Callable[[PeftConfig, list[tuple[str, nn.Module, dict[str, Any]]]], list[dict[str, Any]]] | None = None
 
 
 _REGISTRY: dict[PeftType, MethodSpec] = {}

@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 from .config import PeftConfig
-from .errors import AdapterExistsError, AdapterNotFoundError, ConfigError, MergeError, PeftWarning
+from .errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    ConfigError,
+    MergeError,
+    PeftWarning,
+    UnmergeableMethodError,
+)
 from .injection.apply import AppliedPlan, adapters_on_meta, apply_plan, rollback, set_submodule
 from .injection.plan import InjectionPlan, plan_injection
 from .layers.base import AdapterLayer
@@ -368,7 +375,7 @@ class TunerModel(BaseTuner):
     # ------------------------------------------------------------------ merging
     def _check_mergeable(self, adapter_names: list[str] | None) -> None:
         if not get_method(self.peft_type).mergeable:
-            raise MergeError(f"{self.peft_type} adapters cannot be merged")
+            raise UnmergeableMethodError(f"{self.peft_type} adapters cannot be merged")
         for config in self.peft_config.values():  # e.g. LoRA's replicated layers, which share their base weights
             check = get_method(str(config.peft_type)).check_merge
             if check is not None:

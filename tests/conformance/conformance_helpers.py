@@ -130,9 +130,30 @@ def can_merge(mc: MethodConfig, case: TaskCase) -> bool:
     return mc.spec.mergeable and case.name not in UNMERGEABLE
 
 
+#: the quick tier of the suite (what ``bash scripts/test.sh`` runs): one causal LM, one encoder with a head, and one
+#: case per module kind (linear MLP, GPT-2 Conv1D, embedding, conv, grouped conv, MultiheadAttention, parameters).
+#: The other task cases (seq2seq, token classification, QA, feature extraction, Whisper, ...) run every method in
+#: the slow tier (``-m slow``; ``.ci/run`` runs both tiers). A method's further examples (index > 0: DoRA, BD-LoRA,
+#: ...) run quickly on the kind cases and the causal LM only.
+QUICK_CASES: frozenset[str] = frozenset({"llama-causal", "bert-seqcls", "gpt2-causal", "custom-mlp", "custom-emb",
+                                         "custom-conv2d", "custom-gconv", "custom-mha", "moe-params"})
+QUICK_CASES_FURTHER_EXAMPLES: frozenset[str] = QUICK_CASES - {"bert-seqcls"}
+
+
+def is_quick(mc: MethodConfig, case: TaskCase) -> bool:
+    """Does (``mc``, ``case``) belong to the quick tier (:data:`QUICK_CASES`)?"""
+    return case.name in (QUICK_CASES if mc.index == 0 else QUICK_CASES_FURTHER_EXAMPLES)
+
+
+def _param(mc: MethodConfig, case: TaskCase) -> Any:
+    """A ``pytest.param`` of the pair, marked ``slow`` outside the quick tier."""
+    marks = () if is_quick(mc, case) else (pytest.mark.slow,)
+    return pytest.param(mc, case, id=f"{mc.id}-{case.name}", marks=marks)
+
+
 def _product(configs: list[MethodConfig], cases: Iterable[TaskCase]) -> list[Any]:
     cases = list(cases)
-    return [pytest.param(mc, case, id=f"{mc.id}-{case.name}") for mc in configs for case in cases
+    return [_param(mc, case) for mc in configs for case in cases
             if supports(mc.spec, case) and refused_field(mc, case) is None]
 
 

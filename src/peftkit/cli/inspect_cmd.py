@@ -184,7 +184,8 @@ def inspect_adapter(directory: str) -> dict[str, Any]:
     groups, others = _group(rest, spec.prefix) if spec.kind == "adapter" else ({}, dict(rest))
     # tensors held once per model (MethodSpec.shared_state: VB-LoRA's base_model.vblora_vector_bank) are no layer;
     # each layer's measure gets them beside its own tensors
-    shared = groups.pop("base_model", {}) if spec.shared_state is not None else {}
+    # (or held by the layers and also saved once at model level: RandLoRA's base_model.randlora_A)
+    shared = groups.pop("base_model", {}) if spec.shared_state is not None or spec.update_strength else {}
     layers = []
     for module, params in sorted(groups.items(), key=lambda kv: _natural_key(kv[0])):
         params = {**shared, **{k.removesuffix(".weight"): v for k, v in params.items()}}

@@ -121,6 +121,9 @@ def plan_injection(
         _refuse_other_method(name, module, method, nest_methods)
         layers.append(LayerPlan(name, method.layer_options(name, module, config)))
         planned.append((name, module))
+    if method.plan_options is not None and layers:  # options that depend on every planned module
+        options = method.plan_options(config, [(lp.name, m, lp.options) for lp, (_, m) in zip(layers, planned)])
+        layers = [LayerPlan(lp.name, o) for lp, o in zip(layers, options)]
     parameter_layers = _plan_parameters(modules, config, method, {layer.name for layer in layers})
     if not layers and not parameter_layers:
         _raise_no_match(targets, config, modules, excluded, other_layers)

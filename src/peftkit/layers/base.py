@@ -8,7 +8,7 @@ Merging, unmerging, activation, deletion and the structural state-dict view are 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +40,10 @@ class AdapterState:
     def disable_adapters(self) -> bool:
         """True while adapters are disabled (the module computes the base output)."""
         return self._disable_adapters
+
+
+#: ``add(result, adapter_name, x, inplace) -> result + update`` of an additive method (see ``forward_adding``)
+AddUpdate = Callable[[torch.Tensor, str, torch.Tensor, bool], torch.Tensor]
 
 
 class AdapterLayer(AdapterState, nn.Module):
@@ -285,6 +289,64 @@ class AdapterLayer(AdapterState, nn.Module):
                              self.get_base_layer().weight.device)
         self._row_cache = (key, plan)
         return plan
+
+    def row_groups(self, batch_size: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """Mixed batch: each adapter of the batch that this layer holds, with its row indices ``(n,)`` (long)."""
+        plan = self.row_plan(batch_size)
+        for u, name in enumerate(plan.present):
+            yield name, (plan.index == u).nonzero().squeeze(1)
+
+    def mixed_add(self, x: torch.Tensor, result: torch.Tensor,
+                  delta: Callable[[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Mixed batch of an additive method: ``result`` (the base output, ``(N, ..., out)``) plus
+        ``delta(name, x[rows])`` on each adapter's rows (``x: (N, ...)``); rows of no adapter keep the base output.
+        One gather and one ``index_add`` per adapter present."""
+        for name, rows in self.row_groups(x.shape[0]):
+            result = result.index_add(0, rows, delta(name, x.index_select(0, rows)).to(result.dtype))
+        return result
+
+    def mixed_replace(self, x: torch.Tensor, result: torch.Tensor,
+                      adapted: Callable[[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """Mixed batch of a method that transforms the whole output: each adapter's rows of ``result`` (the base
+        output, ``(N, ..., out)``) replaced by ``adapted(name, x[rows])``, the layer's output with only that
+        adapter; rows of no adapter keep the base output."""
+        for name, rows in self.row_groups(x.shape[0]):
+            result = result.index_copy(0, rows, adapted(name, x.index_select(0, rows)).to(result.dtype))
+        return result
+
+    def forward_adding(self, x: torch.Tensor, add: AddUpdate, inplace_ok: bool, *args: Any,
+                       **kwargs: Any) -> torch.Tensor:
+        """Forward of a method that adds each adapter's update to the base output: ``add(result, name, x, inplace)``
+        returns ``result: (..., out)`` plus adapter ``name``'s update on ``x: (..., in)`` (written into ``result``
+        when ``inplace``). Disabled: the base forward; mixed batch: each adapter's update on its own rows
+        (:meth:`mixed_add`); else the forward adapters in order, in place only when ``inplace_ok`` (autograd does
+        not need the base output), for a single adapter and outside ``torch.compile``."""
+        if self._disable_adapters:
+            return self._base_forward(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self._row_adapters is not None:
+            return self.mixed_add(x, result, lambda name, xs: add(
+                xs.new_zeros((*xs.shape[:-1], result.shape[-1]), dtype=result.dtype), name, xs, False))
+        names = self._forward_adapters
+        inplace = inplace_ok and len(names) == 1 and not torch.compiler.is_compiling()
+        for name in names:
+            result = add(result, name, x, inplace)
+        return result
+
+    def forward_replacing(self, x: torch.Tensor, adapted: Callable[..., torch.Tensor], *args: Any,
+                          **kwargs: Any) -> torch.Tensor:
+        """Forward of a method whose adapters transform the layer (its output is not the base output plus a
+        delta): ``adapted(x, names, *args, **kwargs)`` is the layer's output with the adapters ``names`` applied in
+        order. Disabled or no forward adapter: the base forward; mixed batch: each adapter's rows through it alone
+        (:meth:`mixed_replace`); else ``adapted`` over the forward adapters, in ``x``'s dtype."""
+        if self._disable_adapters:
+            return self._base_forward(x, *args, **kwargs)
+        if self._row_adapters is not None:
+            return self.mixed_replace(x, self.base_layer(x, *args, **kwargs),
+                                      lambda name, xs: adapted(xs, [name], *args, **kwargs))
+        if not self._forward_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        return adapted(x, self._forward_adapters, *args, **kwargs).to(x.dtype)
 
     def cached_stacks(self, key: object, build: Callable[[], Any]) -> Any:
         """``build()``, reused while ``key`` is unchanged (stacked adapter weights of mixed batches: the key holds

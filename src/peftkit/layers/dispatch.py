@@ -6,6 +6,7 @@ import sys
 
 from torch import nn
 
+from ..errors import UnsupportedModuleError
 from ..quantization.backends import is_quantized
 from .base import AdapterLayer
 
@@ -43,6 +44,24 @@ def module_kind(module: nn.Module) -> str | None:
     if isinstance(module, nn.MultiheadAttention):
         return MHA
     return None
+
+
+#: how :func:`require_kind` names each kind in its message
+KIND_LABELS: dict[str, str] = {LINEAR: "torch.nn.Linear", QUANT_LINEAR: "quantized linears (bitsandbytes, torchao)",
+                               HF_CONV1D: "transformers' Conv1D", EMBEDDING: "nn.Embedding",
+                               CONV: "nn.Conv1d/2d/3d", MHA: "nn.MultiheadAttention"}
+
+
+def require_kind(name: str, module: nn.Module, kinds: tuple[str, ...], method: str) -> str:
+    """The kind of target module ``name`` (:func:`module_kind`), or :class:`UnsupportedModuleError` (a
+    ``TypeError``, what the reference raises) naming the module, its type and the kinds ``method`` supports."""
+    kind = module_kind(module)
+    if kind not in kinds:
+        base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
+        supported = ", ".join(KIND_LABELS[k] for k in kinds)
+        raise UnsupportedModuleError(f"target module {name!r} is a {type(base).__name__}; {method} supports "
+                                     f"{supported}. Adjust target_modules.")
+    return kind
 
 
 def is_linear_like(module: nn.Module) -> bool:

@@ -192,12 +192,7 @@ class LycorisLayer(AdapterLayer):
         result = self.base_layer(x, *args, **kwargs)
         previous_dtype = result.dtype
         if self._row_adapters is not None:
-            plan = self.row_plan(x.shape[0])
-            for u, name in enumerate(plan.present):  # one gather per adapter present in the batch
-                rows = (plan.index == u).nonzero().squeeze(1)
-                delta = self._apply_weight(x.index_select(0, rows), self._delta(name))
-                result = result.index_add(0, rows, delta.to(result.dtype))
-            return result
+            return self.mixed_add(x, result, lambda name, xs: self._apply_weight(xs, self._delta(name)))
         for name in self._forward_adapters:
             keep = None  # module dropout: the whole adapter is skipped with probability module_dropout (training)
             if self.training:

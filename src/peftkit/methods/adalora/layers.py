@@ -143,11 +143,7 @@ class SVDLayer(AdapterLayer):
             return self._base_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self._row_adapters is not None:
-            plan = self.row_plan(x.shape[0])
-            for u, name in enumerate(plan.present):
-                rows = (plan.index == u).nonzero().squeeze(1)
-                result = result.index_add(0, rows, self._update(name, x.index_select(0, rows)).to(result.dtype))
-            return result
+            return self.mixed_add(x, result, self._update)
         for name in self._forward_adapters:
             result = result + self._update(name, x).to(result.dtype)
         return result

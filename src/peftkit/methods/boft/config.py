@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...config import PeftConfig, as_set, check, is_int, is_number
+from ...config_checks import check_layer_selection
 from ...types import PeftType
 from ..lora.config import _check_modules_field
 
@@ -53,11 +54,7 @@ class BOFTConfig(PeftConfig):
         for name in ("fan_in_fan_out", "init_weights"):
             check(isinstance(getattr(self, name), bool), name, getattr(self, name), "allowed: True or False")
         check(self.bias in BIAS_VALUES, "bias", self.bias, f"allowed: one of {list(BIAS_VALUES)}")
-        ltt = self.layers_to_transform
-        check(ltt is None or is_int(ltt) or (isinstance(ltt, (list, tuple)) and all(is_int(i) for i in ltt)),
-              "layers_to_transform", ltt, "allowed: None, an int or a list of ints")
-        check(not (self.layers_pattern and ltt is None), "layers_pattern", self.layers_pattern,
-              "layers_pattern is only allowed together with layers_to_transform")
+        check_layer_selection(self.target_modules, self.layers_to_transform, self.layers_pattern)
 
     def _check_blocks(self) -> None:
         """Exactly one of ``boft_block_size`` / ``boft_block_num`` is non-zero (their product is the layer's width,

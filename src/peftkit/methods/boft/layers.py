@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import MergeError
 from ...layers.base import AdapterLayer
 from ...layers.dispatch import QUANT_LINEAR, module_kind
-from ...quantization import backend_of, dense_weight, measured_requantization, write_dense_weight
+from ...layers.transform_merge import check_transforms, merge_transforms, unmerge_transforms
+from ...quantization import backend_of, dense_weight
 from .butterfly import (
     Perm,
     block_dropout,
@@ -160,7 +160,8 @@ class BOFTLayer(AdapterLayer):
         if self._disable_adapters:
             return self._base_forward(x, *args, **kwargs)
         if self._row_adapters is not None:
-            return self._mixed_forward(x, *args, **kwargs)
+            return self.mixed_replace(x, self.base_layer(x, *args, **kwargs),
+                                      lambda name, xs: self._single_adapter_forward(name, xs, *args, **kwargs))
         names = self._forward_adapters
         if not names:
             return self.base_layer(x, *args, **kwargs)
@@ -191,20 +192,12 @@ class BOFTLayer(AdapterLayer):
         bias = bias.to(result.dtype)
         return ((result - bias) * scale + bias).to(x.dtype)
 
-    def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Mixed batch (inference): the rows of each adapter run with that adapter's rotated weight."""
-        result = self.base_layer(x, *args, **kwargs)
-        plan = self.row_plan(x.shape[0])
-        weight = self.get_base_layer().weight
-        for u, name in enumerate(plan.present):
-            rows = (plan.index == u).nonzero().squeeze(1)
-            sub = x.index_select(0, rows)
-            if self.quantized:
-                out = self._rotated_inputs_forward(sub, (name,), *args, **kwargs)
-            else:
-                out = self._run(sub, self._rotated_weight((name,), weight))
-            result = result.index_copy(0, rows, out.to(result.dtype))
-        return result
+    def _single_adapter_forward(self, name: str, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``x`` through adapter ``name`` alone (mixed batches): its rotated weight, or rotated inputs when the
+        base is quantized."""
+        if self.quantized:
+            return self._rotated_inputs_forward(x, (name,), *args, **kwargs)
+        return self._run(x, self._rotated_weight((name,), self.get_base_layer().weight))
 
     # ------------------------------------------------------------------ merging (multiplicative)
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -216,39 +209,23 @@ class BOFTLayer(AdapterLayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Replace the base weight by ``diag(s) W Rᵀ`` for each adapter of ``adapter_names`` (default: active);
         a quantized weight is re-quantized (``peftkit.quantization``, which measures and reports the error)."""
-        base = self.get_base_layer()
-        for name in self._adapters_to_merge(adapter_names):
-            weight = dense_weight(base).detach()
-            with torch.no_grad():
-                new_w = self._rotated_weight((name,), weight).to(weight.dtype)
-            if safe_merge and not torch.isfinite(new_w).all():
-                raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            with measured_requantization(self, name, new_w):
-                write_dense_weight(base, new_w)
-                self.merged_adapters.append(name)
-                self._refresh()
-        self._refresh()
+        merge_transforms(self, self._adapters_to_merge(adapter_names),
+                         lambda name, w: self._rotated_weight((name,), w), safe_merge)
 
     def check_merge(self, adapter_names: list[str] | None = None) -> None:
         """Raise :class:`MergeError` if merging would put NaN/inf into the base weights."""
-        weight = dense_weight(self.get_base_layer()).detach()
-        for name in self._adapters_to_merge(adapter_names, warn=False):
-            with torch.no_grad():
-                if not torch.isfinite(self._rotated_weight((name,), weight)).all():
-                    raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+        check_transforms(self, self._adapters_to_merge(adapter_names, warn=False),
+                         lambda name, w: self._rotated_weight((name,), w), chain=False)
 
     def unmerge(self) -> None:
         """Undo the merges, last merged first: ``W ← diag(1/s) W R`` (``R`` orthogonal, so ``Rᵀ`` inverts it)."""
-        base = self.get_base_layer()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            with torch.no_grad():
-                weight = dense_weight(base).detach()
-                w = weight.reshape(self.out_features, self.n_rotated).to(self.boft_R[name].dtype)
-                q = self._blocks(name, dropout=False).transpose(-1, -2)  # Qᵀ = Q⁻¹ blockwise
-                w = _unrotate(w, q, self._perms[name]) / self._scale(name)
-                write_dense_weight(base, w.view(weight.shape).to(weight.dtype))
-        self._refresh()
+        unmerge_transforms(self, self._unrotated_weight)
+
+    def _unrotated_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``diag(1/s) W R`` of the dense ``weight`` (the inverse of adapter ``name``'s merge), ``weight``'s shape."""
+        w = weight.reshape(self.out_features, self.n_rotated).to(self.boft_R[name].dtype)
+        q = self._blocks(name, dropout=False).transpose(-1, -2)  # Qᵀ = Q⁻¹ blockwise
+        return (_unrotate(w, q, self._perms[name]) / self._scale(name)).view(weight.shape)
 
 
 def _unrotate(w: torch.Tensor, qt: torch.Tensor, perms: list[Perm]) -> torch.Tensor:

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from ...config import PeftConfig
-from ...errors import ConfigError, UnsupportedModuleError
+from ...errors import ConfigError
 from ...injection.match import pattern_value
-from ...layers.dispatch import HF_CONV1D, LINEAR, module_kind
+from ...layers.dispatch import HF_CONV1D, LINEAR, require_kind
 from ...registry import MethodSpec, register_method
 from ...target_tables import default_lora_targets
 from ...types import PeftType
@@ -35,13 +35,8 @@ def _layer_options(name: str, module: nn.Module, config: PeftConfig) -> dict[str
     """Per-layer facts: the kind, ``n_frequency`` after ``n_frequency_pattern`` (at most ``out * in``) and
     ``fan_in_fan_out`` (True exactly for ``Conv1D``, whatever the config says, as the reference's correction)."""
     assert isinstance(config, FourierFTConfig)
-    kind = module_kind(module)
+    kind = require_kind(name, module, FOURIERFT_KINDS, "FourierFT")
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    if kind not in FOURIERFT_KINDS:
-        raise UnsupportedModuleError(
-            f"target module {name!r} is a {type(base).__name__}; FourierFT supports nn.Linear and transformers' "
-            "Conv1D. Adjust target_modules."
-        )
     n_frequency = pattern_value(config.n_frequency_pattern or {}, name, config.n_frequency)
     size = base.weight.numel()
     if n_frequency > size:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ...config import PeftConfig, as_set, check, is_int, is_number
+from ...config_checks import check_layer_selection
 from ...types import PeftType
 
 #: ``bias`` values besides "<anything>_only" (the reference documents "fourier_only"; its tuner accepts any "_only")
@@ -62,13 +63,4 @@ def _check_targeting(config: FourierFTConfig) -> None:
     config.exclude_modules = as_set(config.exclude_modules)
     check(config.bias in FOURIERFT_BIAS or (isinstance(config.bias, str) and config.bias.endswith("_only")), "bias",
           config.bias, "allowed: 'none', 'all' or 'fourier_only' (the adapted layers' biases)")
-    ltt = config.layers_to_transform
-    check(ltt is None or is_int(ltt) or (isinstance(ltt, (list, tuple)) and all(is_int(i) for i in ltt)),
-          "layers_to_transform", ltt, "allowed: None, an int or a list of ints")
-    is_regex = isinstance(config.target_modules, str)
-    check(not (is_regex and ltt is not None), "layers_to_transform", ltt,
-          "layers_to_transform cannot be used when target_modules is a str; use a list of module names")
-    check(not (is_regex and config.layers_pattern is not None), "layers_pattern", config.layers_pattern,
-          "layers_pattern cannot be used when target_modules is a str; use a list of module names")
-    check(not (config.layers_pattern and ltt is None), "layers_pattern", config.layers_pattern,
-          "layers_pattern is only allowed together with layers_to_transform")
+    check_layer_selection(config.target_modules, config.layers_to_transform, config.layers_pattern, str_targets=True)

@@ -155,20 +155,8 @@ class FourierFTLayer(AdapterLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``x: (..., in) -> (..., out)``: ``base(x) + Σ_a x ΔW_aᵀ`` over the forward adapters."""
-        if self._disable_adapters:
-            return self._base_forward(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self._row_adapters is not None:
-            return self._mixed_forward(x, result)
-        for name in self._forward_adapters:
-            result = result + self.apply_update(name, x).to(result.dtype)
-        return result
+        return self.forward_adding(x, self._add_update, False, *args, **kwargs)
 
-    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Mixed batch: row ``i`` of ``x: (N, ..., in)`` gets its own adapter's update (none: the base output)."""
-        plan = self.row_plan(x.shape[0])
-        for u, name in enumerate(plan.present):  # one gather per adapter present in the batch
-            rows = (plan.index == u).nonzero().squeeze(1)
-            update = self.apply_update(name, x.index_select(0, rows))
-            result = result.index_add(0, rows, update.to(result.dtype))
-        return result
+    def _add_update(self, result: torch.Tensor, name: str, x: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """``result + x ΔWᵀ`` of adapter ``name`` (out of place)."""
+        return result + self.apply_update(name, x).to(result.dtype)

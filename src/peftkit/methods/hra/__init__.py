@@ -9,7 +9,7 @@ from torch import nn
 
 from ...config import PeftConfig
 from ...errors import UnsupportedModuleError
-from ...layers.dispatch import CONV, LINEAR, module_kind
+from ...layers.dispatch import CONV, LINEAR, require_kind
 from ...registry import MethodSpec, register_method
 from ...target_tables import default_lora_targets
 from ...types import PeftType
@@ -25,13 +25,8 @@ class HRAGroupedConvError(UnsupportedModuleError, NotImplementedError):
 def _layer_options(name: str, module: nn.Module, config: PeftConfig) -> dict[str, Any]:
     """Per-layer facts: the kind (``nn.Linear`` or an ungrouped ``nn.Conv1d/2d/3d``) and the rank."""
     assert isinstance(config, HRAConfig)
-    kind = module_kind(module)
+    kind = require_kind(name, module, (LINEAR, CONV), "HRA")
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    if kind not in (LINEAR, CONV):
-        raise UnsupportedModuleError(
-            f"target module {name!r} is a {type(base).__name__}; HRA supports nn.Linear and nn.Conv1d/2d/3d. "
-            "Adjust target_modules."
-        )
     if kind == CONV and base.groups > 1:
         raise HRAGroupedConvError(
             f"HRA does not support grouped convolutions: target module {name!r} has groups={base.groups}"

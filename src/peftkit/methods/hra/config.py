@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...config import PeftConfig, as_set, check, is_int
+from ...config_checks import check_layer_selection
 from ...types import PeftType
 
 
@@ -17,17 +18,8 @@ def check_shared_adapter_fields(config: Any, bias_choices: tuple[str, ...],
     config.exclude_modules = as_set(config.exclude_modules)
     check(is_int(config.r) and config.r >= 1, "r", config.r, "allowed: an int >= 1")
     check(config.bias in bias_choices, "bias", config.bias, f"allowed: {list(bias_choices)}")
-    ltt = config.layers_to_transform
-    check(ltt is None or is_int(ltt) or (isinstance(ltt, (list, tuple)) and all(is_int(i) for i in ltt)),
-          "layers_to_transform", ltt, "allowed: None, an int or a list of ints")
-    is_regex = isinstance(config.target_modules, str)
-    check(not (is_regex and ltt is not None), "layers_to_transform", ltt,
-          "layers_to_transform cannot be used when target_modules is a str; use a list of module names")
-    check(not (is_regex and config.layers_pattern is not None), "layers_pattern", config.layers_pattern,
-          "layers_pattern cannot be used when target_modules is a str; use a list of module names")
-    if pattern_needs_layers:
-        check(not (config.layers_pattern and ltt is None), "layers_pattern", config.layers_pattern,
-              "layers_pattern is only allowed together with layers_to_transform")
+    check_layer_selection(config.target_modules, config.layers_to_transform, config.layers_pattern, str_targets=True,
+                          pattern_needs_layers=pattern_needs_layers)
 
 
 @dataclass

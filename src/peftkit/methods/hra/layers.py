@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import MergeError, PeftWarning
+from ...errors import PeftWarning
 from ...injection.apply import defer_init, skip_random_init
 from ...layers.base import AdapterLayer
+from ...layers.transform_merge import check_transforms, merge_transforms, unmerge_transforms
 from .householder import dense_reflection, householder_factors, reflect_rows, rotate_weight
 
 ODD_RANK_WARNING = "The symmetric initialization can NOT be performed when r is odd!"
@@ -115,32 +116,17 @@ class HRALayer(AdapterLayer):
     # ------------------------------------------------------------------ merging (multiplicative)
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Replace the base weight by ``W R`` for each adapter of ``adapter_names`` (default: the active ones)."""
-        base = self.get_base_layer()
-        for name in self._adapters_to_merge(adapter_names):
-            with torch.no_grad():
-                new = self._rotated_weight([name]).reshape(base.weight.shape)
-                if safe_merge and not torch.isfinite(new).all():
-                    raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-                base.weight.data.copy_(new.to(base.weight.dtype))
-            self.merged_adapters.append(name)
-        self._refresh()
+        merge_transforms(self, self._adapters_to_merge(adapter_names),
+                         lambda name, w: self._rotated_weight([name], w).reshape(w.shape), safe_merge)
 
     def check_merge(self, adapter_names: list[str] | None = None) -> None:
         """Raise :class:`MergeError` if merging ``adapter_names`` would put NaN/inf into the base weight."""
-        for name in self._adapters_to_merge(adapter_names, warn=False):
-            with torch.no_grad():
-                if not torch.isfinite(self._rotated_weight([name])).all():
-                    raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+        check_transforms(self, self._adapters_to_merge(adapter_names, warn=False),
+                         lambda name, w: self._rotated_weight([name], w), chain=False)
 
     def unmerge(self) -> None:
         """Undo the merges, last first: ``W ← W Rᵀ`` (``R`` is orthogonal)."""
-        base = self.get_base_layer()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            with torch.no_grad():
-                new = self._rotated_weight([name], transpose=True).reshape(base.weight.shape)
-                base.weight.data.copy_(new.to(base.weight.dtype))
-        self._refresh()
+        unmerge_transforms(self, lambda name, w: self._rotated_weight([name], w, transpose=True).reshape(w.shape))
 
     # ------------------------------------------------------------------ forward
     def _reflect(self, x: torch.Tensor, names: tuple[str, ...] | list[str]) -> torch.Tensor:
@@ -164,22 +150,6 @@ class HRALayer(AdapterLayer):
         dtype = self.get_base_layer().weight.dtype
         return self.base_layer(self._reflect(x, names).to(dtype), *args, **kwargs)
 
-    def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Row ``i`` through its own adapter (mixed batch); rows of other adapters get the base output."""
-        plan = self.row_plan(x.shape[0])
-        result = self.base_layer(x, *args, **kwargs)
-        for u, name in enumerate(plan.present):
-            rows = (plan.index == u).nonzero().squeeze(1)
-            out = self._adapted(x.index_select(0, rows), [name], *args, **kwargs)
-            result = result.index_copy(0, rows, out.to(result.dtype))
-        return result
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Linear ``x: (..., in) -> (..., out)``; conv ``(B, C_in, *) -> (B, C_out, *)``; output in ``x``'s dtype."""
-        if self._disable_adapters:
-            return self._base_forward(x, *args, **kwargs)
-        if self._row_adapters is not None:
-            return self._mixed_forward(x, *args, **kwargs)
-        if not self._forward_adapters:
-            return self.base_layer(x, *args, **kwargs)
-        return self._adapted(x, self._forward_adapters, *args, **kwargs).to(x.dtype)
+        return self.forward_replacing(x, self._adapted, *args, **kwargs)

@@ -10,7 +10,7 @@ from torch import nn
 
 from ...config import PeftConfig
 from ...errors import UnsupportedModuleError
-from ...layers.dispatch import CONV, HF_CONV1D, LINEAR, QUANT_LINEAR, module_kind
+from ...layers.dispatch import CONV, HF_CONV1D, LINEAR, QUANT_LINEAR, require_kind
 from ...registry import MethodSpec, register_method
 from ...target_tables import default_ia3_feedforward, default_ia3_targets
 from ...types import PeftType
@@ -31,12 +31,7 @@ def _is_feedforward(name: str, feedforward: set[str] | str | None) -> bool:
 def _layer_options(name: str, module: nn.Module, config: PeftConfig) -> dict[str, Any]:
     """Per-layer facts: the layer kind, whether it is a feedforward module, and ``fan_in_fan_out`` (detected)."""
     assert isinstance(config, IA3Config)
-    kind = module_kind(module)
-    if kind not in (LINEAR, QUANT_LINEAR, HF_CONV1D, CONV):
-        raise UnsupportedModuleError(
-            f"target module {name!r} is a {type(module).__name__}; IA3 supports nn.Linear, nn.Conv1d/2d/3d and "
-            "transformers' Conv1D. Adjust target_modules."
-        )
+    kind = require_kind(name, module, (LINEAR, QUANT_LINEAR, HF_CONV1D, CONV), "IA3")
     return {"kind": kind, "is_feedforward": _is_feedforward(name, config.feedforward_modules),
             "fan_in_fan_out": kind == HF_CONV1D}
 

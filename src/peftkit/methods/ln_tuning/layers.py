@@ -51,7 +51,8 @@ class LNTuningLayer(AdapterLayer):
         if self._disable_adapters:
             return self._base_forward(x, *args, **kwargs)
         if self._row_adapters is not None:
-            return self._mixed_forward(x, *args, **kwargs)
+            return self.mixed_replace(x, self.base_layer(x, *args, **kwargs),
+                                      lambda name, xs: self.ln_tuning_layers[name](xs, *args, **kwargs))
         active = self._forward_adapters
         if not active:
             return self.base_layer(x, *args, **kwargs)
@@ -61,17 +62,6 @@ class LNTuningLayer(AdapterLayer):
                 "adapter at a time; call set_adapter(<one name>)"
             )
         return self.ln_tuning_layers[active[0]](x, *args, **kwargs)
-
-    def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Mixed batch: row ``i`` of ``x: (N, ...)`` through its adapter's copy (none: the base module); one call
-        per distinct adapter of the batch, on its rows only."""
-        result = self.base_layer(x, *args, **kwargs)
-        plan = self.row_plan(x.shape[0])
-        for slot, name in enumerate(plan.present):
-            rows = torch.tensor([i for i, s in enumerate(plan.slots) if s == slot], device=x.device)
-            out = self.ln_tuning_layers[name](x.index_select(0, rows), *args, **kwargs)
-            result = result.index_copy(0, rows, out.to(result.dtype))
-        return result
 
     # ------------------------------------------------------------------ merging (replacement)
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:

@@ -16,16 +16,15 @@ outputs, merging and files are LoRA's plus the buffer. VeLoRA adapts ``nn.Linear
 
 from __future__ import annotations
 
-from collections.abc import Iterator, KeysView
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ...errors import ConfigError, ConfigTypeError
 from ...injection.apply import is_probing
+from ...layers.buffers import BufferDict
 from .variants import LoraVariant
 
 if TYPE_CHECKING:
@@ -120,34 +119,6 @@ class VeloraLinearFn(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------- the variant
-class BufferDict(nn.Module):
-    """Per-adapter persistent buffers: ``holder[name]`` is a tensor (saved as ``<attr>`` without the adapter
-    name, in memory ``<attr>.<name>``); moved and cast with the module. Buffers are never trained."""
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._buffers
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        buffer = self._buffers[name]
-        assert buffer is not None
-        return buffer
-
-    def __setitem__(self, name: str, value: torch.Tensor) -> None:
-        self.register_buffer(name, value, persistent=True)
-
-    def __delitem__(self, name: str) -> None:
-        del self._buffers[name]
-
-    def __len__(self) -> int:
-        return len(self._buffers)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._buffers)
-
-    def keys(self) -> KeysView[str]:
-        return self._buffers.keys()
-
-
 class VeloraVariant(LoraVariant):
     """VeLoRA for one adapter of one linear layer (see the module doc)."""
 

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from ...config import PeftConfig, check
-from ...errors import UnsupportedModuleError
-from ...layers.dispatch import LINEAR, QUANT_LINEAR, module_kind
+from ...layers.dispatch import LINEAR, QUANT_LINEAR, require_kind
 from ...registry import MethodSpec, register_method
 from ...target_tables import default_lora_targets
 from ...types import PeftType
@@ -21,13 +20,8 @@ def _layer_options(name: str, module: nn.Module, config: PeftConfig) -> dict[str
     """Per-layer facts, and the reference's per-layer checks of ``r`` / ``mini_r`` against the layer's shape
     (``ConfigError``, a ``ValueError`` as the reference raises, naming the field and the module)."""
     assert isinstance(config, MissConfig)
-    kind = module_kind(module)
+    kind = require_kind(name, module, (LINEAR, QUANT_LINEAR), "MiSS")
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    if kind not in (LINEAR, QUANT_LINEAR):
-        raise UnsupportedModuleError(
-            f"target module {name!r} is a {type(base).__name__}; MiSS supports nn.Linear (optionally quantized). "
-            "Adjust target_modules."
-        )
     r, n_in, n_out = config.r, base.in_features, base.out_features
     check(r <= n_in, "r", r, f"r must be <= in_features of every target; {name!r} has in_features={n_in}")
     mode = mode_of(config.init_weights)

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import MergeError
 from ...injection.apply import defer_init, skip_random_init
 from ...layers.base import AdapterLayer
 from ...layers.dispatch import inplace_safe
+from ...layers.transform_merge import check_transforms, merge_transforms, unmerge_transforms
 from ...ops.lowrank import can_update_inplace
-from ...quantization import backend_of, dense_weight, measured_requantization, write_dense_weight
+from ...quantization import backend_of, dense_weight
 from .blocks import bat_weight, shard_sum, shared_delta
 from .fastpath import can_use, shared_block_linear
 
@@ -113,37 +113,17 @@ class MissLayer(AdapterLayer):
     # ------------------------------------------------------------------ merging
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Apply each adapter's transform to the base weight, in order."""
-        base = self.get_base_layer()
-        for name in self._adapters_to_merge(adapter_names):
-            with torch.no_grad():
-                weight = dense_weight(base).detach()
-                new = self._transform(weight, name).to(weight.dtype)
-                if safe_merge and not torch.isfinite(new).all():
-                    raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-                with measured_requantization(self, name, new):
-                    write_dense_weight(base, new)
-                    self.merged_adapters.append(name)
-                    self._refresh()
-        self._refresh()
+        merge_transforms(self, self._adapters_to_merge(adapter_names),
+                         lambda name, w: self._transform(w, name), safe_merge)
 
     def check_merge(self, adapter_names: list[str] | None = None) -> None:
         """Raise :class:`MergeError` if merging ``adapter_names`` would put NaN/inf into the base weight."""
-        weight = dense_weight(self.get_base_layer()).detach()
-        for name in self._adapters_to_merge(adapter_names, warn=False):
-            with torch.no_grad():
-                weight = self._transform(weight, name)
-            if not torch.isfinite(weight).all():
-                raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+        check_transforms(self, self._adapters_to_merge(adapter_names, warn=False),
+                         lambda name, w: self._transform(w, name), chain=True)
 
     def unmerge(self) -> None:
         """Invert the merged transforms, last first."""
-        base = self.get_base_layer()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            with torch.no_grad():
-                weight = dense_weight(base).detach()
-                write_dense_weight(base, self._transform(weight, name, sign=-1).to(weight.dtype))
-        self._refresh()
+        unmerge_transforms(self, lambda name, w: self._transform(w, name, sign=-1))
 
     # ------------------------------------------------------------------ forward
     def _add_shared(self, result: torch.Tensor, x: torch.Tensor, name: str, inplace: bool) -> torch.Tensor:
@@ -182,22 +162,6 @@ class MissLayer(AdapterLayer):
             result = self._add_shared(result, x, name, inplace)
         return result
 
-    def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Row ``i`` through its own adapter (mixed batch); rows of other adapters get the base output."""
-        plan = self.row_plan(x.shape[0])
-        result = self.base_layer(x, *args, **kwargs)
-        for u, name in enumerate(plan.present):
-            rows = (plan.index == u).nonzero().squeeze(1)
-            out = self._adapted(x.index_select(0, rows), [name], *args, **kwargs)
-            result = result.index_copy(0, rows, out.to(result.dtype))
-        return result
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``x: (..., in) -> (..., out)`` in ``x``'s dtype."""
-        if self._disable_adapters:
-            return self._base_forward(x, *args, **kwargs)
-        if self._row_adapters is not None:
-            return self._mixed_forward(x, *args, **kwargs)
-        if not self._forward_adapters:
-            return self.base_layer(x, *args, **kwargs)
-        return self._adapted(x, self._forward_adapters, *args, **kwargs).to(x.dtype)
+        return self.forward_replacing(x, self._adapted, *args, **kwargs)

@@ -11,7 +11,7 @@ from torch import nn
 from ...config import PeftConfig
 from ...errors import PeftWarning, UnsupportedModuleError
 from ...layers.base import AdapterLayer
-from ...layers.dispatch import CONV, EMBEDDING, LINEAR, QUANT_LINEAR, module_kind
+from ...layers.dispatch import CONV, EMBEDDING, LINEAR, QUANT_LINEAR, require_kind
 from ...registry import MethodSpec, register_method
 from ...target_tables import default_lora_targets
 from ...types import PeftType
@@ -26,13 +26,8 @@ OFT_KINDS: tuple[str, ...] = (LINEAR, QUANT_LINEAR, EMBEDDING, CONV)
 def _layer_options(name: str, module: nn.Module, config: PeftConfig) -> dict[str, Any]:
     """Per-layer facts: the kind, the rotated length and ``r`` / block size fitted to it (pure)."""
     assert isinstance(config, OFTConfig)
-    kind = module_kind(module)
+    kind = require_kind(name, module, OFT_KINDS, "OFT")
     base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
-    if kind not in OFT_KINDS:
-        raise UnsupportedModuleError(
-            f"target module {name!r} is a {type(base).__name__}; OFT supports nn.Linear, nn.Embedding and "
-            "nn.Conv1d/2d/3d, and quantized linears (not transformers' Conv1D). Adjust target_modules."
-        )
     if kind == CONV and isinstance(module, AdapterLayer) and not isinstance(module, OFTLayer) and (
             base.groups != 1 or any(k != 1 for k in base.kernel_size)):
         raise UnsupportedModuleError(

@@ -9,6 +9,7 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 from ...config import PeftConfig, as_set, check, is_int, is_number
+from ...config_checks import check_layer_selection
 from ...errors import PeftWarning
 from ...types import PeftType
 from ..lora.config import _check_modules_field
@@ -58,11 +59,7 @@ class OFTConfig(PeftConfig):
         _check_modules_field("exclude_modules", self.exclude_modules)
         self._check_sizes()
         self._check_flags()
-        ltt = self.layers_to_transform
-        check(ltt is None or is_int(ltt) or (isinstance(ltt, (list, tuple)) and all(is_int(i) for i in ltt)),
-              "layers_to_transform", ltt, "allowed: None, an int or a list of ints")
-        check(not (self.layers_pattern and ltt is None), "layers_pattern", self.layers_pattern,
-              "layers_pattern is only allowed together with layers_to_transform")
+        check_layer_selection(self.target_modules, self.layers_to_transform, self.layers_pattern)
 
     def _check_sizes(self) -> None:
         check(is_int(self.r) and self.r >= 0, "r", self.r, "allowed: an int >= 0 (0: derived from oft_block_size)")

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import MergeError, PeftWarning
+from ...errors import PeftWarning
 from ...injection.apply import defer_init, skip_random_init
 from ...layers.base import AdapterLayer
 from ...layers.dispatch import CONV, EMBEDDING
-from ...quantization import dense_weight, measured_requantization, write_dense_weight
+from ...layers.transform_merge import check_transforms, merge_transforms, unmerge_transforms
 from .rotation import block_dropout, block_rotate, cayley, project_coft
 
 
@@ -156,34 +156,18 @@ class OFTLayer(AdapterLayer):
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Rotate the base weight by each adapter (in order); ``safe_merge`` checks for NaN/inf before writing.
         A quantized base is dequantized, rotated and re-quantized (the error is measured and reported)."""
-        base = self.get_base_layer()
         # forward computes x R_1 R_2 ... Wᵀ, so W' = W ... R_2ᵀ R_1ᵀ: the last adapter is merged first
-        for name in reversed(self._adapters_to_merge(adapter_names)):
-            new_weight = self._rotate_weight(dense_weight(base).detach(), name)
-            if safe_merge and not torch.isfinite(new_weight).all():
-                raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
-            with measured_requantization(self, name, new_weight), torch.no_grad():
-                write_dense_weight(base, new_weight)
-                self.merged_adapters.append(name)
-                self._refresh()
-        self._refresh()
+        merge_transforms(self, reversed(self._adapters_to_merge(adapter_names)),
+                         lambda name, w: self._rotate_weight(w, name), safe_merge)
 
     def check_merge(self, adapter_names: list[str] | None = None) -> None:
         """Raise :class:`MergeError` if merging ``adapter_names`` would put NaN/inf into the base weight."""
-        weight = dense_weight(self.get_base_layer()).detach()
-        for name in reversed(self._adapters_to_merge(adapter_names, warn=False)):
-            weight = self._rotate_weight(weight, name)
-            if not torch.isfinite(weight).all():
-                raise MergeError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+        check_transforms(self, reversed(self._adapters_to_merge(adapter_names, warn=False)),
+                         lambda name, w: self._rotate_weight(w, name), chain=True)
 
     def unmerge(self) -> None:
         """Undo the merged adapters, last merged first, with the inverse of each block (exact up to rounding)."""
-        base = self.get_base_layer()
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            with torch.no_grad():
-                write_dense_weight(base, self._rotate_weight(dense_weight(base).detach(), name, inverse=True))
-        self._refresh()
+        unmerge_transforms(self, lambda name, w: self._rotate_weight(w, name, inverse=True))
 
     # ------------------------------------------------------------------ forward
     def _rotate(self, x: torch.Tensor, names: tuple[str, ...] | list[str]) -> torch.Tensor:
@@ -224,18 +208,9 @@ class OFTLayer(AdapterLayer):
         if self._disable_adapters:
             return self._base_forward(x, *args, **kwargs)
         if self._row_adapters is not None:
-            return self._mixed_forward(x, *args, **kwargs)
+            return self.mixed_replace(x, self.base_layer(x, *args, **kwargs),
+                                      lambda name, xs: self._forward_names(xs, [name], *args, **kwargs))
         return self._forward_names(x, self._forward_adapters, *args, **kwargs)
-
-    def _mixed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Mixed batch (inference): rows of each adapter run through it; other rows through the base layer."""
-        plan = self.row_plan(x.shape[0])
-        result = self.base_layer(x, *args, **kwargs)
-        for u, name in enumerate(plan.present):
-            rows = (plan.index == u).nonzero().squeeze(1)
-            part = self._forward_names(x.index_select(0, rows), [name], *args, **kwargs)
-            result = result.index_copy(0, rows, part.to(result.dtype))
-        return result
 
 
 def fit_block_size(features: int, r: int, block_size: int) -> tuple[int, int, str | None]:

@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import ConfigError, UnsupportedModuleError
+from ...errors import ConfigError
 from ...injection.apply import is_probing
 from ...layers.base import AdapterLayer
-from ...layers.dispatch import LINEAR, inplace_safe, module_kind
+from ...layers.buffers import FrozenBuffers
+from ...layers.dispatch import LINEAR, inplace_safe, require_kind
 from ...ops.lowrank import can_update_inplace
-from ..psoft.buffers import FrozenBuffers
 from .config import OSFConfig
 from .utils import decompose_weight_matrix
 
@@ -151,26 +151,7 @@ class OSFLayer(AdapterLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``x: (..., in) -> (..., out)``; several active adapters add their updates."""
-        if self._disable_adapters:
-            return self._base_forward(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self._row_adapters is not None:
-            return self._mixed_forward(x, result)
-        names = self._forward_adapters
-        inplace = self._inplace and len(names) == 1 and not torch.compiler.is_compiling()
-        for name in names:
-            result = self._add(result, name, x, inplace)
-        return result
-
-    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Mixed batch: each adapter's update on its own rows (one gather per adapter present)."""
-        plan = self.row_plan(x.shape[0])
-        for u, name in enumerate(plan.present):
-            rows = (plan.index == u).nonzero().squeeze(1)
-            zeros = result.new_zeros((len(rows), *result.shape[1:]))
-            delta = self._add(zeros, name, x.index_select(0, rows), inplace=False)
-            result = result.index_add(0, rows, delta.to(result.dtype))
-        return result
+        return self.forward_adding(x, self._add, self._inplace, *args, **kwargs)
 
 
 def _meta_split(out: int, inp: int, k: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -196,9 +177,7 @@ def layer_options(name: str, module: nn.Module, config: Any) -> dict[str, Any]:
     """Per-layer facts: the frozen rank after ``rank_pattern`` (first key found in ``name``, ``re.search``)."""
     assert isinstance(config, OSFConfig)
     base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
-    if module_kind(module) != LINEAR:
-        raise UnsupportedModuleError(f"target module {name!r} is a {type(base).__name__}; OSF supports "
-                                     "torch.nn.Linear only. Adjust target_modules.")
+    require_kind(name, module, (LINEAR,), "OSF")
     field, value = "effective_rank", config.effective_rank
     for pattern, rank in (config.rank_pattern or {}).items():
         if re.search(pattern, name):

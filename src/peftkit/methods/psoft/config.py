@@ -6,6 +6,7 @@ import warnings
 from dataclasses import dataclass
 
 from ...config import PeftConfig, as_set, check, is_int, is_number
+from ...config_checks import check_layer_selection
 from ...errors import PeftWarning
 from ...types import PeftType
 
@@ -81,15 +82,7 @@ class PsoftConfig(PeftConfig):
                           "will be ignored.", PeftWarning, stacklevel=3)
 
     def _check_layers(self) -> None:
-        ltt = self.layers_to_transform
-        check(ltt is None or is_int(ltt) or (isinstance(ltt, (list, tuple)) and all(is_int(i) for i in ltt)),
-              "layers_to_transform", ltt, "allowed: None, an int or a list of ints")
-        check(not (isinstance(self.target_modules, str) and ltt is not None), "layers_to_transform", ltt,
-              "layers_to_transform cannot be used when target_modules is a str; use a list of module names")
-        check(not (isinstance(self.target_modules, str) and self.layers_pattern is not None), "layers_pattern",
-              self.layers_pattern, "layers_pattern cannot be used when target_modules is a str")
-        check(not (self.layers_pattern and ltt is None), "layers_pattern", self.layers_pattern,
-              "layers_pattern is only allowed together with layers_to_transform")
+        check_layer_selection(self.target_modules, self.layers_to_transform, self.layers_pattern, str_targets=True)
 
     def _check_cayley_neumann(self) -> None:
         terms, eps = self.num_cayley_neumann_terms, self.cayley_neumann_eps

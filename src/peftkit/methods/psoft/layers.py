@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import ConfigError, PeftWarning, UnsupportedModuleError
+from ...errors import ConfigError, PeftWarning
 from ...injection.apply import is_probing
 from ...layers.base import AdapterLayer
-from ...layers.dispatch import LINEAR, inplace_safe, module_kind
+from ...layers.dispatch import LINEAR, inplace_safe, require_kind
 from ...ops.lowrank import can_update_inplace
 from .buffers import FrozenBuffers
 from .config import PsoftConfig
@@ -231,26 +231,7 @@ class PsoftLayer(AdapterLayer):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """``x: (..., in) -> (..., out)``."""
-        if self._disable_adapters:
-            return self._base_forward(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self._row_adapters is not None:
-            return self._mixed_forward(x, result)
-        names = self._forward_adapters
-        inplace = self._inplace and len(names) == 1 and not torch.compiler.is_compiling()
-        for name in names:
-            result = self._add(result, name, x, inplace)
-        return result
-
-    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Mixed batch: each adapter's update on its own rows (one gather per adapter present)."""
-        plan = self.row_plan(x.shape[0])
-        for u, name in enumerate(plan.present):
-            rows = (plan.index == u).nonzero().squeeze(1)
-            zeros = result.new_zeros((len(rows), *result.shape[1:]))
-            delta = self._add(zeros, name, x.index_select(0, rows), inplace=False)
-            result = result.index_add(0, rows, delta.to(result.dtype))
-        return result
+        return self.forward_adding(x, self._add, self._inplace, *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- registry hooks
@@ -258,9 +239,7 @@ def layer_options(name: str, module: nn.Module, config: Any) -> dict[str, Any]:
     """Per-layer facts: the rank, after checking that the layer is an ``nn.Linear`` with ``r <= min(in, out)``."""
     assert isinstance(config, PsoftConfig)
     base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
-    if module_kind(module) != LINEAR:
-        raise UnsupportedModuleError(f"target module {name!r} is a {type(base).__name__}; PSOFT supports "
-                                     "torch.nn.Linear only. Adjust target_modules.")
+    require_kind(name, module, (LINEAR,), "PSOFT")
     if config.r > min(base.in_features, base.out_features):
         raise ConfigError("r", config.r, f"target {name!r} is a Linear({base.in_features}, {base.out_features}); "
                           f"allowed: r <= min(in_features, out_features) = "

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ...config import PeftConfig
-from ...errors import ConfigError, UnsupportedModuleError
-from ...layers.dispatch import LINEAR, QUANT_LINEAR, module_kind
+from ...errors import ConfigError
+from ...layers.dispatch import LINEAR, QUANT_LINEAR, require_kind
 from ...registry import MethodSpec, register_method
 from ...target_tables import default_lora_targets
 from ...types import PeftType
@@ -25,13 +25,8 @@ def _layer_options(name: str, module: nn.Module, config: PeftConfig) -> dict[str
     """Per-layer facts: the layer kind. Raises for non-linear modules and for ``out_features`` not divisible by
     ``group_size`` (pairs are formed within groups)."""
     assert isinstance(config, RoadConfig)
-    kind = module_kind(module)
+    kind = require_kind(name, module, ROAD_KINDS, "RoAd")
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
-    if kind not in ROAD_KINDS:
-        raise UnsupportedModuleError(
-            f"target module {name!r} is a {type(base).__name__}; RoAd supports nn.Linear (and quantized linears). "
-            "Adjust target_modules."
-        )
     if base.out_features % config.group_size:
         raise ConfigError("group_size", config.group_size,
                           f"a divisor of out_features ({base.out_features}) of target module {name!r}")

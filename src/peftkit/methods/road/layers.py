@@ -71,7 +71,7 @@ class RoadLayer(AdapterLayer):
             return self._base_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self._row_adapters is not None:
-            return self._mixed_forward(result)
+            return self.mixed_replace(result, result, self._rotate_rows)  # rotations act on the output rows
         if not self._forward_adapters:
             return result
         out_dtype = result.dtype
@@ -80,16 +80,10 @@ class RoadLayer(AdapterLayer):
             result = apply_road(result.to(cos.dtype), cos, sin)
         return result.to(out_dtype)
 
-    def _mixed_forward(self, result: torch.Tensor) -> torch.Tensor:
-        """Mixed batch: row ``i`` of ``result: (N, ..., out)`` is rotated by its own adapter (none: unchanged).
-        One pass per distinct adapter of the batch, over its rows only."""
-        plan = self.row_plan(result.shape[0])
-        for slot, name in enumerate(plan.present):
-            rows = torch.tensor([i for i, s in enumerate(plan.slots) if s == slot], device=result.device)
-            cos, sin = self.coefficients(name)
-            rotated = apply_road(result.index_select(0, rows).to(cos.dtype), cos, sin).to(result.dtype)
-            result = result.index_copy(0, rows, rotated)
-        return result
+    def _rotate_rows(self, name: str, rows: torch.Tensor) -> torch.Tensor:
+        """Adapter ``name``'s rotation of base-output rows ``(n, ..., out)`` (mixed batches)."""
+        cos, sin = self.coefficients(name)
+        return apply_road(rows.to(cos.dtype), cos, sin)
 
     # ------------------------------------------------------------------ merging (multiplicative: W' = R W)
     def _rotated(self, adapter_name: str, inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:

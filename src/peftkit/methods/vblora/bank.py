@@ -17,7 +17,8 @@ def mix_topk(logits: torch.Tensor, bank: torch.Tensor, topk: int) -> torch.Tenso
     logits (softmax over those ``topk`` logits only). Differentiable in ``logits`` and ``bank``."""
     top, indices = logits.topk(topk, dim=-1)  # (..., k)
     weights = torch.softmax(top, dim=-1)
-    return torch.einsum("...k,...kl->...l", weights, bank[indices])
+    # broadcast multiply and sum: for k = 2..8 half the time of einsum's bmm (forward and backward)
+    return (weights.unsqueeze(-1) * bank[indices]).sum(-2)
 
 
 def vblora_factors(logits_A: torch.Tensor, logits_B: torch.Tensor, bank: torch.Tensor, topk: int

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...config import PeftConfig, as_set, check, is_int, is_number
+from ...config_checks import check_layer_selection
 from ...types import PeftType
 
 #: ``bias`` values: which biases train besides the adapter
@@ -63,8 +64,6 @@ class VBLoRAConfig(PeftConfig):
         self._check_layers()
 
     def _check_layers(self) -> None:
-        ltt = self.layers_to_transform
-        check(ltt is None or is_int(ltt) or (isinstance(ltt, (list, tuple)) and all(is_int(i) for i in ltt)),
-              "layers_to_transform", ltt, "allowed: None, an int or a list of ints")
-        check(not (self.layers_pattern and ltt is None), "layers_pattern", self.layers_pattern,
-              "When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        check_layer_selection(self.target_modules, self.layers_to_transform, self.layers_pattern,
+                              pattern_message="When `layers_pattern` is specified, `layers_to_transform` must also "
+                              "be specified.")

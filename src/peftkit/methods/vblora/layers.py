@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...errors import ConfigError, PeftWarning, UnsupportedModuleError
+from ...errors import ConfigError, PeftWarning
 from ...layers.base import AdapterLayer
-from ...layers.dispatch import HF_CONV1D, LINEAR, inplace_safe, module_kind
+from ...layers.dispatch import HF_CONV1D, LINEAR, inplace_safe, require_kind
 from ...layers.shared import SharedAdapterTensors
 from ...ops.lowrank import add_lowrank_, lowrank_update_reference
 from .bank import MASKED_LOGIT, vblora_factors
@@ -116,7 +116,7 @@ class VBLoRALayer(AdapterLayer):
             return self._base_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self._row_adapters is not None:
-            return self._mixed_forward(x, result)
+            return self.mixed_add(x, result, self._delta)
         inplace = inplace_safe(self.base_layer) and len(self._forward_adapters) == 1
         for name in self._forward_adapters:
             A, B = self.factors(name)
@@ -127,28 +127,19 @@ class VBLoRALayer(AdapterLayer):
                 result = lowrank_update_reference(result, h, A, B, 1.0)
         return result.to(x.dtype)
 
-    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Mixed batch: row ``i`` of ``x: (N, ..., in)`` gets its own adapter's update (none: the base output)."""
-        plan = self.row_plan(result.shape[0])
-        for slot, name in enumerate(plan.present):
-            rows = torch.tensor([i for i, s in enumerate(plan.slots) if s == slot], device=result.device)
-            A, B = self.factors(name)
-            h = self.vblora_dropout[name](x.index_select(0, rows).to(A.dtype))
-            delta = torch.nn.functional.linear(torch.nn.functional.linear(h, A), B)
-            result = result.index_add(0, rows, delta.to(result.dtype))
-        return result
+    def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Adapter ``name``'s update ``(dropout(x) @ A.T) @ B.T`` on ``x: (..., in)`` alone (mixed batches)."""
+        A, B = self.factors(name)
+        h = self.vblora_dropout[name](x.to(A.dtype))
+        return nn.functional.linear(nn.functional.linear(h, A), B)
 
 
 def layer_options(name: str, module: nn.Module, config: Any) -> dict[str, Any]:
     """Per-layer facts: the kind and ``fan_in_fan_out`` (True for ``Conv1D``), after checking that the layer is
     linear with ``in`` and ``out`` divisible by ``vector_length``."""
     assert isinstance(config, VBLoRAConfig)
-    kind = module_kind(module)
+    kind = require_kind(name, module, VBLORA_KINDS, "VB-LoRA")
     base = module.get_base_layer() if isinstance(module, AdapterLayer) else module
-    if kind not in VBLORA_KINDS:
-        raise UnsupportedModuleError(
-            f"target module {name!r} is a {type(base).__name__}; VB-LoRA supports torch.nn.Linear and "
-            "transformers.pytorch_utils.Conv1D only. Adjust target_modules.")
     in_f, out_f = base.weight.shape if kind == HF_CONV1D else (base.in_features, base.out_features)
     for label, size in (("in_features", in_f), ("out_features", out_f)):
         if size % config.vector_length:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...config import PeftConfig, as_set, check, is_int, is_number
+from ...config_checks import check_layer_selection
 from ...types import PeftType
 
 #: the values of ``bias`` (the reference's: ``"vera_only"`` trains the biases of the adapted layers)
@@ -49,8 +50,4 @@ class VeraConfig(PeftConfig):
         check(is_number(self.d_initial), "d_initial", self.d_initial, "allowed: a number (small values <= 0.1)")
         check(self.bias in VERA_BIAS or (isinstance(self.bias, str) and self.bias.endswith("_only")), "bias",
               self.bias, f"allowed: {list(VERA_BIAS)} (any '<name>_only' trains the adapted layers' biases)")
-        ltt = self.layers_to_transform
-        check(ltt is None or is_int(ltt) or (isinstance(ltt, (list, tuple)) and all(is_int(i) for i in ltt)),
-              "layers_to_transform", ltt, "allowed: None, an int or a list of ints")
-        check(not (self.layers_pattern and ltt is None), "layers_pattern", self.layers_pattern,
-              "layers_pattern is only allowed together with layers_to_transform")
+        check_layer_selection(self.target_modules, self.layers_to_transform, self.layers_pattern)

@@ -51,14 +51,17 @@ class VeraProjections(nn.Module):
     def __init__(self, seed: int, r: int, max_in: int, max_out: int, save_projection: bool,
                  device: torch.device | None = None) -> None:
         super().__init__()
-        vera_a, vera_b = generate_projections(seed, r, max_in, max_out)
+        vera_a, vera_b = self.generate(seed, r, max_in, max_out)
         self.register_buffer("vera_A", vera_a.to(device), persistent=False)
         self.register_buffer("vera_B", vera_b.to(device), persistent=False)
         self.seed, self.save_projection = seed, save_projection
 
+    #: ``(seed, r, max_in, max_out) -> (A, B)``: how the projections are drawn (PVeRA's ``A`` has ``2r`` rows)
+    generate = staticmethod(generate_projections)
+
     @property
     def r(self) -> int:
-        return int(self.vera_A.shape[0])
+        return int(self.vera_B.shape[1])
 
     @property
     def max_in(self) -> int:
@@ -142,7 +145,7 @@ class VeraLayer(AdapterLayer):
             return self._base_forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         if self._row_adapters is not None:
-            return self._mixed_forward(x, result)
+            return self.mixed_add(x, result, self._delta)
         fast = self._inplace and not torch.compiler.is_compiling()
         for name in self._forward_adapters:
             sliced_a, sliced_b = self.projections(name)
@@ -155,16 +158,11 @@ class VeraLayer(AdapterLayer):
                 result = vera_update_reference(result, h, sliced_a, sliced_b, lambda_d, lambda_b)
         return result
 
-    def _mixed_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Mixed batch: row ``i`` of ``result: (N, ..., out)`` gets the update of its own adapter (none: unchanged)."""
-        plan = self.row_plan(result.shape[0])
-        for slot, name in enumerate(plan.present):
-            rows = torch.tensor([i for i, s in enumerate(plan.slots) if s == slot], device=result.device)
-            a, b = self.factors(name)
-            h = self.vera_dropout[name](x.index_select(0, rows)).to(a.dtype)
-            delta = nn.functional.linear(nn.functional.linear(h, a), b).to(result.dtype)
-            result = result.index_add(0, rows, delta)
-        return result
+    def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Adapter ``name``'s update on ``x: (..., in)`` alone (mixed batches), by the plain formula."""
+        a, b = self.factors(name)
+        h = self.vera_dropout[name](x).to(a.dtype)
+        return nn.functional.linear(nn.functional.linear(h, a), b)
 
     # ------------------------------------------------------------------ merging
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
