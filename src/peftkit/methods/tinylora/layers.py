@@ -21,7 +21,7 @@ from ...errors import UnsupportedModuleError
 from ...layers.base import AdapterLayer
 from ...layers.buffers import BufferDict
 from ...layers.dispatch import EMBEDDING, HF_CONV1D, LINEAR, inplace_safe, module_kind
-from ...ops.lowrank import add_lowrank_, can_update_inplace, lowrank_update_reference
+from ...ops.lowrank import add_lowrank_, lowrank_update_reference
 from .config import TinyLoraConfig
 
 #: the module kinds TinyLoRA wraps (the reference: ``nn.Linear``, ``Conv1D`` and ``nn.Embedding``)
@@ -42,17 +42,8 @@ class TinyLoraVectors(nn.ModuleDict):
 
 def add_lowrank_unviewed_(result: torch.Tensor, h: torch.Tensor, M: torch.Tensor, N: torch.Tensor) -> torch.Tensor:
     """``result += (h @ M.T) @ N.T`` in place for ``result: (..., out)``, ``h: (..., k)``, ``M: (r, k)``,
-    ``N: (out, r)`` (``N`` frozen), written into ``result`` itself rather than into a view of it: autograd's record of
-    an in-place op on a view copies the whole output gradient in backward, which costs ~7% of an adapted
-    ``768 -> 2048`` layer's step. ``addmm_`` for 2-D, ``baddbmm_`` for 3-D results; other ranks, or when
-    :func:`~peftkit.ops.lowrank.can_update_inplace` says no: :func:`~peftkit.ops.lowrank.add_lowrank_` (same
-    values; plain reference: :func:`~peftkit.ops.lowrank.lowrank_update_reference`)."""
-    if result.dim() not in (2, 3) or not can_update_inplace(result, M):
-        return add_lowrank_(result, h, M, N, 1.0)
-    hidden = F.linear(h.to(M.dtype), M)  # (..., r)
-    if result.dim() == 2:
-        return result.addmm_(hidden, N.t())
-    return result.baddbmm_(hidden, N.t().expand(result.shape[0], *N.t().shape))
+    ``N: (out, r)``: :func:`~peftkit.ops.lowrank.add_lowrank_` (written into ``result`` itself, not a view)."""
+    return add_lowrank_(result, h, M, N, 1.0)
 
 
 def svd_factors(weight: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
