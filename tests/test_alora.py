@@ -116,7 +116,8 @@ def test_identity_at_init_and_save_load(tmp_path):
     assert loaded.peft_config["default"].alora_invocation_tokens == INVOKE
     with torch.no_grad():
         # the same tensors through the same kernels on the same inputs: bit-identical
-        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)  # same
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits,  # same kernels/data
+                                   rtol=0, atol=0)  # exact: loaded tensors are the saved bits, run by the same kernels
         # positions before the invocation see the base model only
         torch.testing.assert_close(loaded(input_ids=ids).logits[:, :4], base(input_ids=ids).logits[:, :4],
                                    **LLAMA_TOL)

@@ -187,7 +187,7 @@ def test_safe_merge_refuses_non_finite() -> None:
     before = model.base_model.model.lin.base_layer.weight.detach().clone()
     with pytest.raises(ValueError, match="NaNs detected"):
         model.base_model.merge_adapter(safe_merge=True)
-    assert torch.equal(model.base_model.model.lin.base_layer.weight, before)
+    assert torch.equal(model.base_model.model.lin.base_layer.weight, before)  # exact: a refused merge writes nothing
 
 
 # ---------------------------------------------------------------------------------------------- dropout
